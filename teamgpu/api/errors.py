@@ -1,0 +1,58 @@
+"""Rendering errors as responses: OpenAI's shape, with the request id and Retry-After."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from teamgpu.errors import GatewayError, error_json
+
+log = logging.getLogger("teamgpu.errors")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers=headers, media_type="application/json")
+
+
+def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """The client's view of ``exc``: its status, OpenAI's error shape, its headers."""
+    h = dict(exc.headers)
+    if headers:
+        h.update(headers)
+    return Response(
+        orjson.dumps(exc.body()), exc.status, headers=h, media_type="application/json"
+    )
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    msg = exc.detail if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
+    return Response(
+        error_json(str(msg), "invalid_request_error", None, code),
+        exc.status_code,
+        headers=dict(exc.headers or {}),
+        media_type="application/json",
+    )
+
+
+async def gateway_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    """A server bug: 500 ``internal_error`` (never a 4xx), logged with its traceback."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response(
+        error_json("internal gateway error; see the gateway log", "server_error", None,
+                   "internal_error"),
+        500,
+        media_type="application/json",
+    )

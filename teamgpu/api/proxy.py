@@ -1,0 +1,362 @@
+"""The OpenAI-compatible proxy path: chat, completions, embeddings.
+
+One request flows: authenticate -> read and check the body -> resolve the model ->
+[limits] -> [scheduler] -> backend -> relay -> audit row. Every outcome, including every
+error, leaves exactly one audit row.
+
+Fields the gateway owns in the body sent to the backend: ``model`` (mapped to the served
+name), ``priority`` (vLLM's priority, from the request's class) and, for streams whose
+client did not ask for it, ``stream_options.include_usage``. Everything else, unknown
+fields included, is passed through unchanged; ``/v1/completions`` goes to the backend's
+``/v1/completions`` with its raw prompt (fault F10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from teamgpu.api.context import RequestCtx
+from teamgpu.api.errors import error_response
+from teamgpu.errors import (
+    BadRequest,
+    BackendError,
+    GatewayError,
+    InvalidJSON,
+    ModelNotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
+from teamgpu.upstream.relay import (
+    STREAM_HEADERS,
+    StreamRelay,
+    convert_httpx_error,
+    error_from_stream_start,
+    open_stream,
+    read_first_event,
+)
+from teamgpu.upstream.sse import SSEParser
+from teamgpu.upstream.usage import StreamAccount, Usage, text_from_body, usage_from_body
+
+if TYPE_CHECKING:
+    from teamgpu.app import Gateway
+
+T = TypeVar("T")
+
+GENERATIVE = {"chat/completions", "completions"}
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready (audit status 499)."""
+
+
+async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
+    """Await ``aw`` unless the client disconnects first; then cancel it.
+
+    Raises:
+        ClientDisconnected: the client closed the connection; ``aw`` was cancelled.
+    """
+    task = asyncio.ensure_future(aw)
+    receive = request.receive
+
+    async def watch() -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise ClientDisconnected()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes.
+
+    Raises:
+        PayloadTooLarge: 413, by Content-Length or while reading.
+    """
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > limit:
+        raise PayloadTooLarge(f"request body of {cl} bytes is over the limit of {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(request: Request, body: bytes) -> dict[str, Any]:
+    """Decode a JSON object body.
+
+    Raises:
+        UnsupportedMediaType: 415, a content type other than JSON.
+        InvalidJSON: 400, empty, malformed, invalid UTF-8 or lone surrogates, not an object.
+    """
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {ctype!r}"
+        )
+    if not body:
+        raise InvalidJSON("request body is empty; send a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidJSON("request body must be a JSON object")
+    return data
+
+
+def estimate_prompt_tokens(payload: dict[str, Any]) -> int:
+    """A conservative prompt-token estimate: one token per 2 bytes of UTF-8 text, at least 1.
+
+    Real tokenizers average about 4 bytes per token on English text and code, so this
+    over-estimates; it is replaced by the backend's count when the request ends.
+    """
+    size = 0
+    for key in ("messages", "prompt", "input"):
+        v = payload.get(key)
+        if v is not None:
+            size += len(orjson.dumps(v))
+    return max(1, size // 2)
+
+
+def prompt_text(payload: dict[str, Any]) -> str | None:
+    for key in ("messages", "prompt", "input"):
+        if key in payload:
+            v = payload[key]
+            return v if isinstance(v, str) else orjson.dumps(v).decode()
+    return None
+
+
+def requested_max_tokens(payload: dict[str, Any], default: int) -> int:
+    for key in ("max_completion_tokens", "max_tokens"):
+        v = payload.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return default
+
+
+async def handle(request: Request, endpoint: str) -> Response:
+    """Serve one OpenAI request on ``endpoint`` (``chat/completions``, ``completions`` or
+    ``embeddings``). Errors come back in OpenAI's shape; see :mod:`teamgpu.errors`."""
+    gw: Gateway = request.app.state.gw
+    ctx = RequestCtx(
+        request_id=request.scope["state"]["request_id"],
+        endpoint=endpoint,
+        client_addr=gw.client_addr(request),
+    )
+    extra_headers: dict[str, str] = {}
+    try:
+        ctx.principal = await gw.authenticate(request, ctx)
+        body = await read_body(request, gw.settings.max_body_bytes)
+        payload = parse_json_object(request, body)
+        return await _forward(gw, request, ctx, payload, extra_headers)
+    except GatewayError as exc:
+        await gw.record(ctx, status=exc.status, outcome=exc.outcome, error=exc.message)
+        return error_response(exc, extra_headers)
+    except ClientDisconnected:
+        await gw.record(ctx, status=499, outcome="client_disconnected")
+        return Response(status_code=499)
+
+
+async def _forward(
+    gw: Gateway,
+    request: Request,
+    ctx: RequestCtx,
+    payload: dict[str, Any],
+    extra_headers: dict[str, str],
+) -> Response:
+    settings = gw.settings
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a string", param="model")
+    served = gw.pool.resolve(model)
+    if served is None:
+        names = gw.pool.names_for_clients()
+        raise ModelNotFound(
+            f"The model {model!r} does not exist or is not served here. "
+            f"Models available to this key: {', '.join(names) or '(none: no backend is up)'}",
+            param="model",
+        )
+    ctx.model = served
+    payload["model"] = served
+    stream = payload.get("stream") is True and ctx.endpoint in GENERATIVE
+    ctx.stream = stream
+    ctx.priority = gw.request_priority(request, ctx.principal)
+    extra_headers["X-Priority"] = ctx.priority
+    if settings.store_prompts:
+        ctx.prompt_text = prompt_text(payload)
+    ctx.est_prompt_tokens = estimate_prompt_tokens(payload)
+    strip_usage = False
+    if stream:
+        so = payload.get("stream_options")
+        if not isinstance(so, dict) or so.get("include_usage") is not True:
+            so = dict(so) if isinstance(so, dict) else {}
+            so["include_usage"] = True
+            payload["stream_options"] = so
+            strip_usage = True
+    if ctx.endpoint in GENERATIVE and gw.send_priority_field:
+        payload["priority"] = gw.priority_value(ctx.priority)
+
+    backend = gw.pool.pick(served)
+    if backend is None:
+        raise ServiceUnavailable(
+            f"no backend serving {served!r} is up; try again shortly",
+            retry_after_s=settings.backend_down_retry_after_s,
+            code="backend_unavailable",
+        )
+    ctx.backend = backend.url
+    body = orjson.dumps(payload)
+    url = f"{backend.url}/v1/{ctx.endpoint}"
+    headers = {"content-type": "application/json", "accept-encoding": "identity",
+               "x-request-id": ctx.request_id}
+    backend.in_flight += 1
+    released = False
+    handed_off = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            backend.in_flight -= 1
+
+    try:
+        try:
+            upstream = await until_disconnect(
+                request,
+                open_stream(gw.client, url, body, headers, backend_url=backend.url,
+                            retry_after_s=settings.backend_down_retry_after_s),
+            )
+        except ServiceUnavailable as exc:
+            gw.pool.report_failure(backend, exc.message)
+            raise
+        try:
+            if upstream.status_code != 200:
+                raw = await until_disconnect(request, upstream.aread())
+                raise _backend_status_error(upstream.status_code, raw, backend.url)
+            if not stream:
+                try:
+                    raw = await until_disconnect(request, upstream.aread())
+                except httpx.HTTPError as exc:
+                    raise convert_httpx_error(
+                        exc, backend.url, settings.backend_down_retry_after_s
+                    ) from exc
+                usage = usage_from_body(raw) or Usage(0, 0)
+                ctx.ttft_ms = ctx.elapsed_ms()
+                await gw.record(
+                    ctx, status=200, outcome="ok", usage=usage,
+                    completion_text=text_from_body(raw) if settings.store_prompts else None,
+                )
+                ctype = upstream.headers.get("content-type", "application/json")
+                return Response(raw, 200, headers=extra_headers, media_type=ctype)
+        except BaseException:
+            await upstream.aclose()
+            raise
+        if not stream:  # pragma: no cover - returned above
+            raise AssertionError
+        parser = SSEParser()
+        account = StreamAccount(strip_usage_chunk=strip_usage, keep_text=settings.store_prompts)
+        try:
+            first, rest = await until_disconnect(request, read_first_event(upstream, parser, account))
+        except httpx.HTTPError as exc:
+            await upstream.aclose()
+            raise convert_httpx_error(exc, backend.url, settings.backend_down_retry_after_s) from exc
+        except BaseException:
+            await upstream.aclose()
+            raise
+        if account.first_error_body is not None:
+            await upstream.aclose()
+            status, err_body = error_from_stream_start(account.first_error_body)
+            await gw.record(ctx, status=status, outcome="backend_rejected",
+                            error=err_body.decode("utf-8", "replace")[:1000])
+            return Response(err_body, status, headers=extra_headers, media_type="application/json")
+        if not first:
+            await upstream.aclose()
+            raise BackendError(f"backend {backend.url} sent an empty stream")
+        handed_off = True  # from here the relay releases the backend when the stream ends
+    finally:
+        if not handed_off:
+            release()
+
+    async def on_end(outcome: str, error: str | None) -> None:
+        release()
+        if account.first_token_at is not None:
+            ctx.ttft_ms = (account.first_token_at - ctx.started) * 1000.0
+        usage = account.final_usage(ctx.est_prompt_tokens)
+        status = 200 if outcome in ("ok", "backend_error", "backend_timeout") else 499
+        await gw.record(
+            ctx, status=status, outcome=outcome, usage=usage, error=error,
+            completion_text="".join(account.text) if settings.store_prompts else None,
+        )
+
+    hdrs = list(STREAM_HEADERS) + [
+        (k.lower().encode(), v.encode()) for k, v in extra_headers.items()
+    ]
+    return StreamRelay(  # type: ignore[return-value]
+        upstream, first, rest, parser, account,
+        headers=hdrs, on_chunk=None, on_end=on_end, backend_url=backend.url,
+    )
+
+
+def _backend_status_error(status: int, raw: bytes, backend_url: str) -> GatewayError:
+    """A non-200 answer of the backend as the client's error.
+
+    4xx keep their status and the backend's message (a too-long prompt stays a 400,
+    fault F8; the backend is not marked down). 503 stays 503 with Retry-After; other 5xx
+    become 502.
+    """
+    message = raw.decode("utf-8", "replace")[:2000]
+    err_type, param, code = None, None, None
+    try:
+        obj = orjson.loads(raw)
+        err = obj.get("error", obj) if isinstance(obj, dict) else None
+        if isinstance(err, dict):
+            message = str(err.get("message") or err.get("detail") or message)
+            err_type, param = err.get("type"), err.get("param")
+            code = err.get("code")
+        elif isinstance(obj, dict) and "detail" in obj:
+            message = str(obj["detail"])
+    except orjson.JSONDecodeError:
+        pass
+    if 400 <= status < 500:
+        exc = GatewayError(message, param=param if isinstance(param, str) else None,
+                           status=status,
+                           code=str(code) if code is not None and not isinstance(code, int)
+                           else "invalid_request")
+        exc.type = err_type if isinstance(err_type, str) else "invalid_request_error"
+        exc.outcome = "backend_rejected"
+        return exc
+    if status == 503:
+        return ServiceUnavailable(f"backend {backend_url} is busy: {message}", retry_after_s=2)
+    return BackendError(f"backend {backend_url} answered {status}: {message}")
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000.0

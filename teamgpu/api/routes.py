@@ -1,0 +1,99 @@
+"""Routes: the OpenAI endpoints, health, and admin statistics."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from teamgpu.api import proxy
+from teamgpu.api.errors import json_response
+from teamgpu.errors import ServiceUnavailable
+from teamgpu.store.audit import usage_totals
+
+if TYPE_CHECKING:
+    from teamgpu.app import Gateway
+
+
+def _gw(request: Request) -> Gateway:
+    return request.app.state.gw  # type: ignore[no-any-return]
+
+
+async def chat_completions(request: Request) -> Response:
+    return await proxy.handle(request, "chat/completions")
+
+
+async def completions(request: Request) -> Response:
+    return await proxy.handle(request, "completions")
+
+
+async def embeddings(request: Request) -> Response:
+    return await proxy.handle(request, "embeddings")
+
+
+async def models(request: Request) -> Response:
+    """``GET /v1/models``: exactly the names this key may use (served names, then aliases).
+
+    401 without a valid key.
+    """
+    gw = _gw(request)
+    await gw.authenticate(request)
+    data: list[dict[str, Any]] = []
+    served = gw.pool.served_names()
+    for name in gw.pool.names_for_clients():
+        if name in served:
+            card = dict(gw.pool.card(name))
+        else:
+            target = gw.settings.model_aliases[name]
+            card = {**gw.pool.card(target), "id": name, "parent": target}
+        card.setdefault("object", "model")
+        card.setdefault("owned_by", "teamgpu")
+        data.append(card)
+    return json_response({"object": "list", "data": data})
+
+
+async def healthz(request: Request) -> Response:
+    """``GET /healthz``: the gateway process is alive (200)."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """``GET /readyz``: 200 when at least one backend answers, else 503 with Retry-After."""
+    gw = _gw(request)
+    backends = [{"url": b.url, "up": b.up, "models": list(b.models), "error": b.last_error}
+                for b in gw.pool.backends]
+    if not gw.pool.any_up():
+        exc = ServiceUnavailable("no backend is up", retry_after_s=gw.settings.backend_down_retry_after_s)
+        body = {**exc.body(), "backends": backends}
+        return json_response(body, 503, headers=exc.headers)
+    return json_response({"status": "ready", "backends": backends})
+
+
+async def stats(request: Request) -> Response:
+    """``GET /stats`` (admin key): total requests, per-user requests and tokens.
+
+    401 without a key, 403 with a key that is not an admin key.
+    """
+    gw = _gw(request)
+    await gw.require_admin(request)
+    await gw.audit.flush()
+    totals = usage_totals(gw.store)
+    return json_response({
+        "requests_total": totals["requests"],
+        "users": totals["users"],
+        "backends": [{"url": b.url, "up": b.up, "in_flight": b.in_flight,
+                      "models": list(b.models)} for b in gw.pool.backends],
+        "started_at": gw.started_at.isoformat(),
+    })
+
+
+ROUTES = [
+    ("/v1/chat/completions", chat_completions, ["POST"]),
+    ("/v1/completions", completions, ["POST"]),
+    ("/v1/embeddings", embeddings, ["POST"]),
+    ("/v1/models", models, ["GET"]),
+    ("/healthz", healthz, ["GET"]),
+    ("/readyz", readyz, ["GET"]),
+    ("/stats", stats, ["GET"]),
+]

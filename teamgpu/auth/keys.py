@@ -1,0 +1,304 @@
+"""API keys: create, hash, verify, list, rotate, revoke, update.
+
+A key is ``tg-`` followed by 43 URL-safe base64 characters (32 random bytes, 256 bits,
+from :mod:`secrets`). Only its SHA-256 is stored: a key with 256 bits of entropy needs no
+slow password hash, and a look-up by hash is one indexed read. The first characters are
+kept as ``prefix`` so a person can tell keys apart in ``keys list``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, insert, or_, select, update
+
+from teamgpu.store.tables import api_keys
+
+KEY_PREFIX = "tg-"
+PRIORITIES = ("high", "normal", "low")
+
+
+class KeyError_(Exception):
+    """A key operation failed (unknown id or user, invalid argument). CLI exit status 1."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 hex digest of a full key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_secret() -> str:
+    """A new key: ``tg-`` + 32 random bytes, URL-safe base64 (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key record without its secret."""
+
+    key_id: str
+    user: str
+    is_admin: bool
+    prefix: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    max_priority: str = "high"
+    default_priority: str = "normal"
+    weight: float = 1.0
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    daily_tokens: int | None = None
+    rotated_from: str | None = None
+
+    def status(self, now: datetime) -> str:
+        """``active``, ``expired`` or ``revoked``."""
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["id"] = d.pop("key_id")
+        for k in ("created_at", "expires_at", "revoked_at"):
+            d[k] = d[k].isoformat() if d[k] else None
+        return d
+
+
+def _principal(row: Any) -> Principal:
+    m = row._mapping
+    return Principal(
+        key_id=m["id"],
+        user=m["user"],
+        is_admin=bool(m["is_admin"]),
+        prefix=m["prefix"],
+        created_at=_aware(m["created_at"]),  # type: ignore[arg-type]
+        expires_at=_aware(m["expires_at"]),
+        revoked_at=_aware(m["revoked_at"]),
+        max_priority=m["max_priority"],
+        default_priority=m["default_priority"],
+        weight=float(m["weight"]),
+        rpm=m["rpm"],
+        tpm=m["tpm"],
+        max_concurrent=m["max_concurrent"],
+        daily_tokens=m["daily_tokens"],
+        rotated_from=m["rotated_from"],
+    )
+
+
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent", "daily_tokens")
+
+
+class KeyStore:
+    """Keys in the store. Every method is synchronous and safe to call from any thread.
+
+    Changes are visible to a running gateway at once: it reads the key on every request.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def create(
+        self,
+        user: str,
+        *,
+        admin: bool = False,
+        expires_in_days: float | None = None,
+        max_priority: str = "high",
+        default_priority: str = "normal",
+        weight: float = 1.0,
+        rotated_from: str | None = None,
+        limits: dict[str, int | None] | None = None,
+    ) -> tuple[str, Principal]:
+        """Create a key for ``user``.
+
+        Returns:
+            ``(secret, principal)``; the secret is shown once and never stored.
+
+        Raises:
+            KeyError_: invalid user name, priority or weight.
+        """
+        user = user.strip()
+        if not user or len(user) > 128 or any(c.isspace() for c in user):
+            raise KeyError_("user name must be 1-128 characters without spaces")
+        _check_priorities(max_priority, default_priority)
+        if not weight > 0:
+            raise KeyError_("weight must be > 0")
+        secret = new_secret()
+        now = utcnow()
+        key_id = "key_" + secrets.token_hex(6)
+        row = {
+            "id": key_id,
+            "user": user,
+            "key_hash": hash_key(secret),
+            "prefix": secret[:10],
+            "is_admin": admin,
+            "created_at": now,
+            "expires_at": now + timedelta(days=expires_in_days) if expires_in_days else None,
+            "revoked_at": None,
+            "rotated_from": rotated_from,
+            "max_priority": max_priority,
+            "default_priority": default_priority,
+            "weight": weight,
+        }
+        for f in LIMIT_FIELDS:
+            row[f] = (limits or {}).get(f)
+        with self.engine.begin() as conn:
+            conn.execute(insert(api_keys).values(**row))
+        return secret, self.get(key_id)
+
+    def verify(self, secret: str, now: datetime | None = None) -> Principal | None:
+        """The active key matching ``secret``, or None (unknown, expired or revoked)."""
+        if not secret.startswith(KEY_PREFIX) or len(secret) > 200:
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(api_keys).where(api_keys.c.key_hash == hash_key(secret))
+            ).first()
+        if row is None:
+            return None
+        p = _principal(row)
+        return p if p.status(now or utcnow()) == "active" else None
+
+    def get(self, key_id: str) -> Principal:
+        """The key with id ``key_id``. Raises KeyError_ if there is none."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        if row is None:
+            raise KeyError_(f"no key with id {key_id!r}")
+        return _principal(row)
+
+    def list(self, *, include_inactive: bool = True) -> list[Principal]:
+        """All keys, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
+        keys = [_principal(r) for r in rows]
+        if not include_inactive:
+            now = utcnow()
+            keys = [k for k in keys if k.status(now) == "active"]
+        return keys
+
+    def resolve(self, id_or_user: str) -> list[Principal]:
+        """Active keys whose id or user is ``id_or_user``. Raises KeyError_ if none."""
+        now = utcnow()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(api_keys).where(
+                    or_(api_keys.c.id == id_or_user, api_keys.c.user == id_or_user)
+                )
+            ).all()
+        keys = [k for k in map(_principal, rows) if k.status(now) == "active"]
+        if not keys:
+            raise KeyError_(f"no active key with id or user {id_or_user!r}")
+        return keys
+
+    def revoke(self, id_or_user: str) -> list[Principal]:
+        """Revoke every active key of that id or user, at once. Returns them."""
+        keys = self.resolve(id_or_user)
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id.in_([k.key_id for k in keys]))
+                .values(revoked_at=now)
+            )
+        return [self.get(k.key_id) for k in keys]
+
+    def rotate(self, id_or_user: str, *, grace_hours: float = 0.0) -> tuple[str, Principal]:
+        """Replace a key by a new one with the same user, role, priorities and limits.
+
+        The old key keeps working for ``grace_hours`` (0: it stops at once).
+
+        Raises:
+            KeyError_: no active key, or a user with several active keys (give the id).
+        """
+        keys = self.resolve(id_or_user)
+        if len(keys) > 1:
+            ids = ", ".join(k.key_id for k in keys)
+            raise KeyError_(f"user {id_or_user!r} has several active keys ({ids}); give the id")
+        old = keys[0]
+        secret, new = self.create(
+            old.user,
+            admin=old.is_admin,
+            max_priority=old.max_priority,
+            default_priority=old.default_priority,
+            weight=old.weight,
+            rotated_from=old.key_id,
+            limits={f: getattr(old, f) for f in LIMIT_FIELDS},
+        )
+        if old.expires_at is not None:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(api_keys)
+                    .where(api_keys.c.id == new.key_id)
+                    .values(expires_at=old.expires_at)
+                )
+            new = self.get(new.key_id)
+        end = utcnow() + timedelta(hours=grace_hours)
+        with self.engine.begin() as conn:
+            if old.expires_at is None or old.expires_at > end:
+                conn.execute(
+                    update(api_keys).where(api_keys.c.id == old.key_id).values(expires_at=end)
+                )
+        return secret, new
+
+    def update(self, id_or_user: str, **changes: Any) -> list[Principal]:
+        """Change priorities, weight or limits of every active key of that id or user.
+
+        ``changes`` keys: ``max_priority``, ``default_priority``, ``weight``, ``rpm``,
+        ``tpm``, ``max_concurrent``, ``daily_tokens``; a None value is left unchanged.
+
+        Raises:
+            KeyError_: unknown key or invalid value.
+        """
+        values = {k: v for k, v in changes.items() if v is not None}
+        allowed = {"max_priority", "default_priority", "weight", *LIMIT_FIELDS}
+        bad = set(values) - allowed
+        if bad:
+            raise KeyError_(f"cannot update {sorted(bad)}")
+        keys = self.resolve(id_or_user)
+        for k in keys:
+            _check_priorities(
+                values.get("max_priority", k.max_priority),
+                values.get("default_priority", k.default_priority),
+            )
+        if "weight" in values and not values["weight"] > 0:
+            raise KeyError_("weight must be > 0")
+        for f in LIMIT_FIELDS:
+            if f in values and values[f] < 0:
+                raise KeyError_(f"{f} must be >= 0 (0 = unlimited)")
+        if values:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(api_keys)
+                    .where(api_keys.c.id.in_([k.key_id for k in keys]))
+                    .values(**values)
+                )
+        return [self.get(k.key_id) for k in keys]
+
+    def has_admin(self) -> bool:
+        """Whether any active admin key exists."""
+        return any(k.is_admin for k in self.list(include_inactive=False))
+
+
+def _check_priorities(max_priority: str, default_priority: str) -> None:
+    for p in (max_priority, default_priority):
+        if p not in PRIORITIES:
+            raise KeyError_(f"priority must be one of {', '.join(PRIORITIES)}: {p!r}")

@@ -1,0 +1,22 @@
+"""The ``teamgpu`` command."""
+
+from __future__ import annotations
+
+import click
+
+from teamgpu import __version__
+from teamgpu.cli.config import config_group
+from teamgpu.cli.keys import keys_group
+from teamgpu.cli.server import serve, up
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="teamgpu")
+def main() -> None:
+    """teamgpu: share one GPU server running vLLM across a team, safely and fairly."""
+
+
+main.add_command(up)
+main.add_command(serve)
+main.add_command(keys_group)
+main.add_command(config_group)

@@ -1,0 +1,224 @@
+"""``teamgpu serve`` (gateway only) and ``teamgpu up`` (vLLM plus gateway)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import uvicorn
+from rich.console import Console
+
+from teamgpu.app import Gateway, create_app
+from teamgpu.auth.keys import KeyStore
+from teamgpu.cli.common import load_settings, settings_options
+from teamgpu.settings import Settings, default_cache_dir
+
+console = Console(stderr=True)
+
+DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _server_options(fn: Any) -> Any:
+    fn = click.option("--host", default=None, help="Gateway address (default 0.0.0.0).")(fn)
+    fn = click.option("--port", type=int, default=None, help="Gateway port (default 8080).")(fn)
+    fn = click.option("--max-inflight", "max_inflight", type=click.IntRange(min=1), default=None,
+                      help="Requests in the engine at once per backend.")(fn)
+    return fn
+
+
+def _first_run_key(settings: Settings, keys: KeyStore) -> None:
+    """Create and print an admin key when the store has no active admin key."""
+    if keys.has_admin():
+        return
+    secret, p = keys.create("admin", admin=True)
+    host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = f"http://{host}:{settings.port}/v1"
+    console.rule("[bold]first run: admin key")
+    console.print(
+        f"Created admin key [bold]{p.key_id}[/] for user 'admin'. It is shown this once:\n\n"
+        f"  [bold green]{secret}[/]\n\n"
+        "Make a key for each developer:  teamgpu keys create alice\n\n"
+        "Try it with curl:\n"
+        f"  curl {base}/chat/completions -H 'Authorization: Bearer {secret}' \\\n"
+        "    -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"MODEL\", \"messages\": [{\"role\": \"user\", "
+        "\"content\": \"What is the capital of France?\"}]}'\n\n"
+        "Or with the OpenAI SDK:\n"
+        f"  export OPENAI_BASE_URL={base}\n"
+        f"  export OPENAI_API_KEY={secret}\n"
+        "  python -c \"from openai import OpenAI; c = OpenAI(); "
+        "print(c.chat.completions.create(model='MODEL', messages=[{'role': 'user', "
+        "'content': 'What is the capital of France?'}]).choices[0].message.content)\"\n"
+        "(MODEL: a name that GET /v1/models lists)",
+        highlight=False, soft_wrap=True,
+    )
+    console.rule()
+
+
+def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        access_log=False, http="httptools", loop="uvloop", lifespan="on",
+        timeout_graceful_shutdown=10, workers=1,
+    )
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.command("serve")
+@click.option("--backend", "backends", multiple=True,
+              help="Base URL of a running vLLM or OpenAI-compatible server (repeatable).")
+@_server_options
+@settings_options
+def serve(_settings_overrides: dict[str, Any], backends: tuple[str, ...], host: str | None,
+          port: int | None, max_inflight: int | None) -> None:
+    """Run only the gateway, in front of backends that already run."""
+    s = load_settings(**_settings_overrides, backends=list(backends) or None, host=host, port=port,
+                      max_inflight_per_backend=max_inflight)
+    if not s.backends:
+        raise click.UsageError("give at least one --backend URL (or set backends in teamgpu.toml)")
+    _logging(s)
+    gw = Gateway(s)
+    _first_run_key(s, gw.keys)
+    console.print(f"teamgpu gateway on http://{s.host}:{s.port} -> {', '.join(s.backends)}")
+    uvicorn.Server(_uvicorn_config(create_app(s, gateway=gw), s)).run()
+
+
+def find_engine_python(settings: Settings) -> Path | None:
+    """The engine venv's python: the setting, else the one scripts/setup-engine.sh recorded."""
+    if settings.engine_python:
+        return settings.engine_python
+    marker = default_cache_dir() / "engine-python"
+    if marker.exists():
+        p = Path(marker.read_text().strip())
+        if p.exists():
+            return p
+    return None
+
+
+def demo_model_dir() -> Path:
+    return default_cache_dir() / "models" / DEMO_MODEL_NAME
+
+
+@click.command("up")
+@click.option("--model", default=None,
+              help="Local model folder or model id (default: the demo model).")
+@click.option("--served-model-name", default=None, help="Name clients use for the model.")
+@click.option("--engine-arg", "engine_args", multiple=True,
+              help="A further flag for vLLM, e.g. --engine-arg=--max-num-seqs=32 (repeatable).")
+@click.option("--engine-python", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Python of the engine venv (default: the one setup recorded).")
+@click.option("--engine-port", type=int, default=None, help="Private engine port (default: any).")
+@_server_options
+@settings_options
+def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name: str | None,
+       engine_args: tuple[str, ...], engine_python: Path | None, engine_port: int | None,
+       host: str | None, port: int | None, max_inflight: int | None) -> None:
+    """Start vLLM (supervised, on 127.0.0.1) and the gateway in front of it.
+
+    Ctrl-C or SIGTERM stops both. If the engine dies, clients get 503 with Retry-After
+    while it is restarted with backoff.
+    """
+    s = load_settings(**_settings_overrides, model=model, served_model_name=served_model_name,
+                      engine_args=list(engine_args) or None, engine_python=engine_python,
+                      engine_port=engine_port, host=host, port=port,
+                      max_inflight_per_backend=max_inflight)
+    _logging(s)
+    py = find_engine_python(s)
+    if py is None:
+        raise click.ClickException(
+            "no engine environment found: run scripts/setup-engine.sh (or ./run.sh), "
+            "or pass --engine-python")
+    model_path = s.model
+    if model_path is None:
+        d = demo_model_dir()
+        if not (d / ".teamgpu-demo-ok").exists():
+            raise click.ClickException(
+                f"the demo model is not prepared at {d}: run scripts/prepare-demo-model.sh "
+                "(or ./run.sh), or pass --model")
+        model_path = str(d)
+    served = s.served_model_name or (
+        DEMO_MODEL_NAME if s.model is None else Path(model_path.rstrip("/")).name)
+    try:
+        code = asyncio.run(_up(s, py, model_path, served))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
+    from teamgpu.engine.errors import EngineStartError
+    from teamgpu.engine.supervisor import EngineSpec, EngineSupervisor, free_port
+
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    spec = EngineSpec(
+        python=py, model=model_path, served_model_name=served,
+        port=s.engine_port or free_port(), args=tuple(s.engine_args),
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log_path=s.data_dir / "engine.log",
+    )
+    gw = Gateway(s)
+    _first_run_key(s, gw.keys)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    stopping = False
+
+    def on_signal(signum: int, frame: Any = None) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            loop.call_soon_threadsafe(main.cancel)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    status = console.status("starting vLLM…")
+    status.start()
+
+    def on_state(state: Any, message: str) -> None:
+        status.update(f"[bold]vLLM[/] {getattr(state, 'value', state)}: {message}")
+        if getattr(state, "value", "") in ("restarting", "ready") and gw_started:
+            logging.getLogger("teamgpu.engine").warning("engine %s: %s", state.value, message)
+
+    gw_started = False
+    sup = EngineSupervisor(spec, on_state=on_state, start_timeout_s=s.engine_start_timeout_s)
+    try:
+        try:
+            await sup.start()
+        except EngineStartError as exc:
+            status.stop()
+            console.print(f"[red]vLLM did not start:[/] {exc}")
+            return 1
+        finally:
+            status.stop()
+        console.print(f"vLLM ready on {sup.base_url} (private), model {served!r}; "
+                      f"log: {spec.log_path}")
+        s.backends = [sup.base_url]
+        gw_started = True
+        app = create_app(s, gateway=gw)
+        server = uvicorn.Server(_uvicorn_config(app, s))
+        engine_task = asyncio.create_task(sup.run(), name="teamgpu-engine")
+        console.print(f"teamgpu gateway on http://{s.host}:{s.port}  (Ctrl-C stops both)")
+        # uvicorn handles SIGINT/SIGTERM during serve() and re-raises them afterwards;
+        # our handler then only records them.
+        await server.serve()
+        engine_task.cancel()
+        try:
+            await engine_task
+        except (asyncio.CancelledError, Exception):
+            pass
+        return 0
+    except asyncio.CancelledError:
+        return 130
+    finally:
+        console.print("stopping vLLM…")
+        await asyncio.shield(sup.stop())
+        console.print("stopped.")

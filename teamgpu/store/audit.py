@@ -1,0 +1,150 @@
+"""The usage audit log: one row per request, written off the request path.
+
+Rows go into a bounded :class:`asyncio.Queue`; one writer task takes them in batches and
+inserts each batch in a worker thread, so the request path never waits on the database.
+When the queue is full, :meth:`AuditLog.record` waits for room (back-pressure) rather than
+drop a row. :meth:`AuditLog.close` flushes everything queued, so a clean stop loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select
+
+from teamgpu.store.tables import usage
+
+log = logging.getLogger("teamgpu.audit")
+
+BATCH_ROWS = 500
+
+
+@dataclass
+class UsageRow:
+    """One request as the audit log keeps it. Times in milliseconds."""
+
+    request_id: str
+    endpoint: str
+    status: int
+    outcome: str
+    total_ms: float
+    ts: datetime = field(default_factory=lambda: datetime.now(UTC))
+    user: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    priority: str | None = None
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    backend: str | None = None
+    client_addr: str | None = None
+    error: str | None = None
+    prompt_text: str | None = None
+    completion_text: str | None = None
+
+
+class AuditLog:
+    """Bounded queue plus one writer task. Create inside a running event loop."""
+
+    def __init__(self, engine: Engine, *, queue_size: int = 10_000) -> None:
+        self.engine = engine
+        self._queue: asyncio.Queue[UsageRow | None] = asyncio.Queue(maxsize=queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self.rows_written = 0
+        self.write_errors = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="teamgpu-audit-writer")
+
+    async def record(self, row: UsageRow) -> None:
+        """Queue a row; waits only when the queue is full."""
+        try:
+            self._queue.put_nowait(row)
+        except asyncio.QueueFull:
+            await self._queue.put(row)
+
+    async def flush(self) -> None:
+        """Wait until every row queued so far is written."""
+        await self._queue.join()
+
+    async def close(self) -> None:
+        """Write everything queued, then stop the writer."""
+        if self._task is None:
+            return
+        await self._queue.put(None)
+        await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            batch: list[UsageRow] = []
+            n_items = 1
+            if first is None:
+                stop = True
+            else:
+                batch.append(first)
+            while len(batch) < BATCH_ROWS and not self._queue.empty():
+                item = self._queue.get_nowait()
+                n_items += 1
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if batch:
+                await self._write(batch)
+            for _ in range(n_items):
+                self._queue.task_done()
+
+    async def _write(self, batch: list[UsageRow]) -> None:
+        rows = [asdict(r) for r in batch]
+        for attempt in range(5):
+            try:
+                await asyncio.to_thread(self._insert, rows)
+                self.rows_written += len(rows)
+                return
+            except Exception:  # database busy or gone: retry, then keep the rows in the log
+                self.write_errors += 1
+                log.exception("audit write failed (attempt %d, %d rows)", attempt + 1, len(rows))
+                await asyncio.sleep(0.2 * (attempt + 1))
+        for r in rows:
+            log.error("audit row not written: %s", r)
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(usage), rows)
+
+
+def usage_totals(engine: Engine, since: datetime | None = None) -> dict[str, Any]:
+    """Total requests, and per user: requests, prompt and completion tokens.
+
+    Returns:
+        ``{"requests": int, "users": {user: {"requests", "prompt_tokens",
+        "completion_tokens"}}}``
+    """
+    q = select(
+        usage.c.user,
+        func.count(),
+        func.coalesce(func.sum(usage.c.prompt_tokens), 0),
+        func.coalesce(func.sum(usage.c.completion_tokens), 0),
+    ).group_by(usage.c.user)
+    if since is not None:
+        q = q.where(usage.c.ts >= since)
+    with engine.connect() as conn:
+        rows = conn.execute(q).all()
+    users = {
+        (u or "(unauthenticated)"): {
+            "requests": int(n),
+            "prompt_tokens": int(p),
+            "completion_tokens": int(c),
+        }
+        for u, n, p, c in rows
+    }
+    return {"requests": sum(v["requests"] for v in users.values()), "users": users}

@@ -1,0 +1,251 @@
+"""A fast fake of vLLM's OpenAI server, for tests and the overhead benchmark.
+
+Plain ASGI, no framework. It answers ``/health``, ``/v1/models``, ``/v1/chat/completions``,
+``/v1/completions`` (streaming or not, with ``stream_options.include_usage`` handled as
+vLLM does), ``/v1/embeddings`` and ``/metrics``. A request may steer it with a ``fake``
+object in its body, which the gateway passes through like any unknown field:
+
+    {"fake": {"tokens": 5,            # completion tokens to produce (default 4)
+              "delay_s": 0.0,         # pause before each token
+              "split": false,         # write each event in two writes, split mid-character
+              "text": "tok ",         # the text of each token (default "tok ")
+              "status": 400,          # answer with this error status instead
+              "error_first": false,   # stream: first event is an error (HTTP 200)
+              "break_after": null,    # stream: drop the connection after N tokens
+              "no_done": false}}      # stream: end without data: [DONE]
+
+``FakeBackend.requests`` records every request body received, and ``active`` counts the
+generations in progress (a disconnect by the gateway shows up as ``aborted``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import orjson
+
+MODEL = "fake-model"
+
+
+class FakeBackend:
+    def __init__(self, model: str = MODEL, max_model_len: int = 2048, record: bool = True) -> None:
+        self.model = model
+        self.max_model_len = max_model_len
+        self.record = record
+        self.requests: list[dict[str, Any]] = []
+        self.active = 0
+        self.aborted = 0
+        self.healthy = True
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path = scope["path"]
+        if path == "/health":
+            await _json(send, {} if self.healthy else {"error": "unhealthy"},
+                        200 if self.healthy else 503)
+            return
+        if path == "/v1/models":
+            await _json(send, {"object": "list", "data": [{
+                "id": self.model, "object": "model", "owned_by": "vllm", "root": f"/models/{self.model}",
+                "max_model_len": self.max_model_len}]})
+            return
+        if path == "/metrics":
+            body = (f"vllm:num_requests_running{{model_name=\"{self.model}\"}} {self.active}\n"
+                    f"vllm:num_requests_waiting{{model_name=\"{self.model}\"}} 0\n"
+                    f"vllm:kv_cache_usage_perc{{model_name=\"{self.model}\"}} 0.1\n").encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            await _json(send, _err("bad json", 400), 400)
+            return
+        if self.record:
+            self.requests.append({"path": path, "body": req})
+        fake = req.get("fake") or {}
+        if fake.get("status"):
+            await _json(send, _err(f"fake error {fake['status']}", fake["status"]), fake["status"])
+            return
+        if path == "/v1/embeddings":
+            inp = req.get("input")
+            n = len(inp) if isinstance(inp, list) else 1
+            await _json(send, {"object": "list", "model": self.model,
+                               "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2]}
+                                        for i in range(n)],
+                               "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n}})
+            return
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            await _json(send, _err("not found", 404), 404)
+            return
+        chat = path == "/v1/chat/completions"
+        if req.get("top_p") == 0:
+            await _json(send, _err("top_p must be in (0, 1]", 400), 400)
+            return
+        prompt_tokens = max(1, len(orjson.dumps(req.get("messages") or req.get("prompt"))) // 4)
+        max_tokens = req.get("max_tokens") or 16
+        if prompt_tokens + max_tokens > self.max_model_len:
+            await _json(send, _err(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {prompt_tokens + max_tokens} tokens", 400), 400)
+            return
+        n_tok = min(int(fake.get("tokens", 4)), max_tokens)
+        text = fake.get("text", "tok ")
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tok,
+                 "total_tokens": prompt_tokens + n_tok}
+        rid = "cmpl-fake"
+        if not req.get("stream"):
+            if chat:
+                out = {"id": rid, "object": "chat.completion", "created": 0, "model": self.model,
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text * n_tok},
+                                    "finish_reason": "length"}], "usage": usage}
+            else:
+                out = {"id": rid, "object": "text_completion", "created": 0, "model": self.model,
+                       "choices": [{"index": 0, "text": text * n_tok, "finish_reason": "length"}],
+                       "usage": usage}
+            delay = float(fake.get("delay_s", 0))
+            if delay:
+                await asyncio.sleep(delay * n_tok)
+            await _json(send, out)
+            return
+        await self._stream(send, receive, req, fake, chat, n_tok, text, usage, rid)
+
+    async def _stream(self, send: Any, receive: Any, req: dict[str, Any], fake: dict[str, Any],
+                      chat: bool, n_tok: int, text: str, usage: dict[str, int], rid: str) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        delay = float(fake.get("delay_s", 0))
+        split = bool(fake.get("split"))
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        async def event(data: dict[str, Any] | str) -> None:
+            payload = data if isinstance(data, str) else orjson.dumps(data).decode()
+            raw = f"data: {payload}\n\n".encode()
+            if split:
+                cut = len(raw) // 2
+                # cut inside a multi-byte character when there is one
+                for i in range(len(raw)):
+                    if raw[i] >= 0xC0:
+                        cut = i + 1
+                        break
+                await send({"type": "http.response.body", "body": raw[:cut], "more_body": True})
+                await asyncio.sleep(0.005)
+                await send({"type": "http.response.body", "body": raw[cut:], "more_body": True})
+            else:
+                await send({"type": "http.response.body", "body": raw, "more_body": True})
+
+        if fake.get("error_first"):
+            await event({"error": {"message": "bad parameter", "type": "BadRequestError",
+                                   "param": None, "code": 400}})
+            await event("[DONE]")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        self.active += 1
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                m = await receive()
+                if m["type"] == "http.disconnect":
+                    disconnected.set()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            base = {"id": rid, "object": obj, "created": 0, "model": self.model}
+            if include_usage:
+                base["usage"] = None
+            for i in range(n_tok):
+                if delay:
+                    try:
+                        await asyncio.wait_for(disconnected.wait(), delay)
+                    except TimeoutError:
+                        pass
+                if disconnected.is_set():
+                    self.aborted += 1
+                    return
+                if fake.get("break_after") is not None and i >= int(fake["break_after"]):
+                    raise ConnectionResetError("fake backend breaks the stream")
+                if chat:
+                    delta: dict[str, Any] = {"content": text}
+                    if i == 0:
+                        delta = {"role": "assistant", "content": text}
+                    choice = {"index": 0, "delta": delta, "logprobs": None,
+                              "finish_reason": "length" if i == n_tok - 1 else None}
+                else:
+                    choice = {"index": 0, "text": text, "logprobs": None,
+                              "finish_reason": "length" if i == n_tok - 1 else None}
+                await event({**base, "choices": [choice]})
+            if include_usage:
+                await event({"id": rid, "object": obj, "created": 0, "model": self.model,
+                             "choices": [], "usage": usage})
+            if not fake.get("no_done"):
+                await event("[DONE]")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.active -= 1
+            watcher.cancel()
+
+
+def _err(message: str, status: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+
+
+async def _json(send: Any, obj: Any, status: int = 200) -> None:
+    body = orjson.dumps(obj)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """Run an ASGI app with uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False, lifespan="on", http="httptools", loop="asyncio")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,172 @@
+"""Backends: OpenAI-compatible servers (vLLM) behind the gateway, and their health.
+
+Each backend is polled every ``health_interval_s``: ``GET /health`` (vLLM) and
+``GET /v1/models`` for its served model names and ``max_model_len``. A backend that fails
+a poll, or refuses a connection on the request path, is marked down at once and is put
+back when a poll succeeds again. The last known model list is kept while it is down, so a
+client asking for a known model gets 503 with ``Retry-After`` rather than 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("teamgpu.backends")
+
+
+@dataclass
+class Backend:
+    """One OpenAI-compatible server.
+
+    Attributes:
+        url: base URL without ``/v1``.
+        up: answered its last health poll.
+        models: served model name -> model card (from ``/v1/models``).
+        in_flight: requests this gateway has open on it.
+    """
+
+    url: str
+    up: bool = False
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    in_flight: int = 0
+    last_change: float = field(default_factory=time.monotonic)
+    last_error: str | None = None
+
+    def mark(self, up: bool, error: str | None = None) -> None:
+        if up != self.up:
+            log.warning("backend %s is %s%s", self.url, "up" if up else "down",
+                        f": {error}" if error else "")
+            self.last_change = time.monotonic()
+        self.up = up
+        self.last_error = error
+
+
+class BackendPool:
+    """The backends and a health-poll task. Create and start inside the event loop."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        client: httpx.AsyncClient,
+        *,
+        health_interval_s: float = 2.0,
+        aliases: dict[str, str] | None = None,
+    ) -> None:
+        self.backends = [Backend(u) for u in urls]
+        self.client = client
+        self.health_interval_s = health_interval_s
+        self.aliases = dict(aliases or {})
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        """Poll every backend once, then keep polling in the background."""
+        await self.poll_all()
+        self._task = asyncio.create_task(self._run(), name="teamgpu-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def add(self, url: str) -> Backend:
+        b = Backend(url.rstrip("/"))
+        self.backends.append(b)
+        self._wake.set()
+        return b
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.health_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.poll_all()
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self.poll(b) for b in self.backends))
+
+    async def poll(self, b: Backend) -> None:
+        """One health check: ``/health`` (404 tolerated for non-vLLM servers), then models."""
+        try:
+            r = await self.client.get(f"{b.url}/health", timeout=3.0)
+            if r.status_code >= 500:
+                b.mark(False, f"/health answered {r.status_code}")
+                return
+            r = await self.client.get(f"{b.url}/v1/models", timeout=3.0)
+            if r.status_code != 200:
+                b.mark(False, f"/v1/models answered {r.status_code}")
+                return
+            data = r.json().get("data") or []
+            b.models = {m["id"]: m for m in data if isinstance(m, dict) and "id" in m}
+            b.mark(True)
+        except (httpx.HTTPError, ValueError, KeyError, AttributeError) as exc:
+            b.mark(False, f"{type(exc).__name__}: {exc}")
+
+    def report_failure(self, b: Backend, error: str) -> None:
+        """The request path could not reach ``b``: mark it down and re-poll soon."""
+        b.mark(False, error)
+        self._wake.set()
+
+    # --- model names ------------------------------------------------------------------
+    def served_names(self) -> list[str]:
+        """Served model names known from any backend (up or down), in backend order."""
+        names: list[str] = []
+        for b in self.backends:
+            for m in b.models:
+                if m not in names:
+                    names.append(m)
+        return names
+
+    def resolve(self, name: str) -> str | None:
+        """Map a requested model name to a served model name, or None if unknown.
+
+        Accepted: a served name; an alias from the settings; the last path component of
+        a served name (``org/Model`` answers to ``Model``) or of the model's ``root``.
+        """
+        served = self.served_names()
+        if name in served:
+            return name
+        target = self.aliases.get(name)
+        if target is not None and target in served:
+            return target
+        for b in self.backends:
+            for mid, card in b.models.items():
+                root = str(card.get("root") or "")
+                if name in (mid.rsplit("/", 1)[-1], root, root.rstrip("/").rsplit("/", 1)[-1]):
+                    return mid
+        return None
+
+    def names_for_clients(self) -> list[str]:
+        """Every name a client may send: served names, then aliases to served names."""
+        served = self.served_names()
+        return served + [a for a, t in self.aliases.items() if t in served and a not in served]
+
+    def card(self, served: str) -> dict[str, Any]:
+        for b in self.backends:
+            if served in b.models:
+                return b.models[served]
+        return {"id": served, "object": "model"}
+
+    def candidates(self, served: str) -> list[Backend]:
+        """Backends that serve ``served`` (up or down)."""
+        return [b for b in self.backends if served in b.models]
+
+    def pick(self, served: str) -> Backend | None:
+        """The up backend serving ``served`` with the fewest requests in flight."""
+        ups = [b for b in self.candidates(served) if b.up]
+        return min(ups, key=lambda b: b.in_flight) if ups else None
+
+    def any_up(self) -> bool:
+        return any(b.up for b in self.backends)
