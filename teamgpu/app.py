@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,12 +27,13 @@ from teamgpu.api.errors import (
     unhandled_error_handler,
 )
 from teamgpu.api.request_id import RequestIdMiddleware
-from teamgpu.auth.keys import KeyStore, Principal, hash_key
+from teamgpu.auth.keys import KeyStore, Principal
 from teamgpu.errors import AuthenticationError, GatewayError, InvalidPriority
 from teamgpu.settings import Settings
 from teamgpu.store.audit import AuditLog, UsageRow
 from teamgpu.store.db import open_store
 from teamgpu.upstream.backends import BackendPool
+from teamgpu.upstream.client import UpstreamClient
 from teamgpu.upstream.usage import Usage
 
 log = logging.getLogger("teamgpu")
@@ -50,30 +50,25 @@ class Gateway:
         settings: the effective settings.
         keys: the key store.
         audit: the audit writer.
-        client: the one pooled HTTP client to the backends.
+        client: the one pooled HTTP client to the backends (aiohttp).
         pool: backends and their health.
     """
 
-    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
-                 store: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, *, store: Engine | None = None) -> None:
         self.settings = settings
-        self._transport = transport
         self.store = store if store is not None else open_store(settings.db_url)
         self.keys = KeyStore(self.store)
         self._sqlite = self.store.url.get_backend_name() == "sqlite"
         self.send_priority_field = True
         self.started_at = datetime.now(UTC)
         self.audit: AuditLog
-        self.client: httpx.AsyncClient
+        self.client: UpstreamClient
         self.pool: BackendPool
 
     async def open(self) -> None:
         s = self.settings
-        timeout = httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=s.connect_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                              keepalive_expiry=30.0)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=self._transport,
-                                        trust_env=False)
+        self.client = UpstreamClient(connect_timeout_s=s.connect_timeout_s,
+                                     read_timeout_s=s.read_timeout_s)
         self.pool = BackendPool(s.backends, self.client, health_interval_s=s.health_interval_s,
                                 aliases=s.model_aliases)
         self.audit = AuditLog(self.store, queue_size=s.audit_queue_size)
@@ -83,7 +78,7 @@ class Gateway:
     async def close(self) -> None:
         await self.pool.close()
         await self.audit.close()
-        await self.client.aclose()
+        await self.client.close()
 
     # --- request helpers --------------------------------------------------------------
     def client_addr(self, request: Request) -> str | None:
@@ -123,19 +118,10 @@ class Gateway:
         return p
 
     def _why_invalid(self, secret: str) -> str:
-        from sqlalchemy import select
-
-        from teamgpu.store.tables import api_keys
-
-        with self.store.connect() as conn:
-            row = conn.execute(
-                select(api_keys.c.revoked_at, api_keys.c.expires_at).where(
-                    api_keys.c.key_hash == hash_key(secret)
-                )
-            ).first()
-        if row is not None and row[0] is not None:
+        p = self.keys.lookup(secret)
+        if p is not None and p.revoked_at is not None:
             return "API key revoked"
-        if row is not None:
+        if p is not None:
             return "API key expired"
         return "Invalid API key"
 
@@ -219,7 +205,6 @@ class Gateway:
 def create_app(
     settings: Settings,
     *,
-    transport: httpx.AsyncBaseTransport | None = None,
     store: Engine | None = None,
     gateway: Gateway | None = None,
 ) -> Starlette:
@@ -227,11 +212,10 @@ def create_app(
 
     Args:
         settings: the effective settings.
-        transport: an httpx transport to the backends (tests pass a fake one).
         store: an already opened store engine (default: opened from ``settings``).
         gateway: a prepared :class:`Gateway` (``teamgpu up`` adds its engine to it).
     """
-    gw = gateway or Gateway(settings, transport=transport, store=store)
+    gw = gateway or Gateway(settings, store=store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -38,9 +37,7 @@ from teamgpu.errors import (
 from teamgpu.upstream.relay import (
     STREAM_HEADERS,
     StreamRelay,
-    convert_httpx_error,
     error_from_stream_start,
-    open_stream,
     read_first_event,
 )
 from teamgpu.upstream.sse import SSEParser
@@ -251,23 +248,19 @@ async def _forward(
         try:
             upstream = await until_disconnect(
                 request,
-                open_stream(gw.client, url, body, headers, backend_url=backend.url,
-                            retry_after_s=settings.backend_down_retry_after_s),
+                gw.client.post(url, body, headers, backend_url=backend.url,
+                               retry_after_s=settings.backend_down_retry_after_s),
             )
         except ServiceUnavailable as exc:
             gw.pool.report_failure(backend, exc.message)
             raise
         try:
-            if upstream.status_code != 200:
-                raw = await until_disconnect(request, upstream.aread())
-                raise _backend_status_error(upstream.status_code, raw, backend.url)
+            if upstream.status != 200:
+                raw = await until_disconnect(request, upstream.read())
+                raise _backend_status_error(upstream.status, raw, backend.url)
             if not stream:
-                try:
-                    raw = await until_disconnect(request, upstream.aread())
-                except httpx.HTTPError as exc:
-                    raise convert_httpx_error(
-                        exc, backend.url, settings.backend_down_retry_after_s
-                    ) from exc
+                raw = await until_disconnect(request, upstream.read())
+                upstream.release()
                 usage = usage_from_body(raw) or Usage(0, 0)
                 ctx.ttft_ms = ctx.elapsed_ms()
                 await gw.record(
@@ -277,28 +270,23 @@ async def _forward(
                 ctype = upstream.headers.get("content-type", "application/json")
                 return Response(raw, 200, headers=extra_headers, media_type=ctype)
         except BaseException:
-            await upstream.aclose()
+            upstream.close()
             raise
-        if not stream:  # pragma: no cover - returned above
-            raise AssertionError
         parser = SSEParser()
         account = StreamAccount(strip_usage_chunk=strip_usage, keep_text=settings.store_prompts)
         try:
             first, rest = await until_disconnect(request, read_first_event(upstream, parser, account))
-        except httpx.HTTPError as exc:
-            await upstream.aclose()
-            raise convert_httpx_error(exc, backend.url, settings.backend_down_retry_after_s) from exc
         except BaseException:
-            await upstream.aclose()
+            upstream.close()
             raise
         if account.first_error_body is not None:
-            await upstream.aclose()
+            upstream.close()
             status, err_body = error_from_stream_start(account.first_error_body)
             await gw.record(ctx, status=status, outcome="backend_rejected",
                             error=err_body.decode("utf-8", "replace")[:1000])
             return Response(err_body, status, headers=extra_headers, media_type="application/json")
         if not first:
-            await upstream.aclose()
+            upstream.close()
             raise BackendError(f"backend {backend.url} sent an empty stream")
         handed_off = True  # from here the relay releases the backend when the stream ends
     finally:

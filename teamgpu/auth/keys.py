@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sqlite3
+import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -83,15 +85,24 @@ class Principal:
 
 
 def _principal(row: Any) -> Principal:
-    m = row._mapping
+    return _principal_from_mapping(row._mapping)
+
+
+def _parse_dt(v: Any) -> datetime | None:
+    if v is None or isinstance(v, datetime):
+        return _aware(v)
+    return _aware(datetime.fromisoformat(str(v)))
+
+
+def _principal_from_mapping(m: Any) -> Principal:
     return Principal(
         key_id=m["id"],
         user=m["user"],
         is_admin=bool(m["is_admin"]),
         prefix=m["prefix"],
-        created_at=_aware(m["created_at"]),  # type: ignore[arg-type]
-        expires_at=_aware(m["expires_at"]),
-        revoked_at=_aware(m["revoked_at"]),
+        created_at=_parse_dt(m["created_at"]),  # type: ignore[arg-type]
+        expires_at=_parse_dt(m["expires_at"]),
+        revoked_at=_parse_dt(m["revoked_at"]),
         max_priority=m["max_priority"],
         default_priority=m["default_priority"],
         weight=float(m["weight"]),
@@ -114,6 +125,23 @@ class KeyStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        db = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+        self._sqlite_path = db if db and db != ":memory:" else None
+        self._local = threading.local()
+
+    def _raw_row(self, key_hash: str) -> Any:
+        """The key row by hash through a plain sqlite3 connection per thread.
+
+        The gateway verifies a key on every request; through SQLAlchemy that costs about
+        80 us, through sqlite3 about 10 us. Reads never wait for writers (WAL mode).
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self._sqlite_path}?mode=ro", uri=True,
+                                   check_same_thread=False, timeout=5.0)
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn.execute("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
 
     def create(
         self,
@@ -166,16 +194,20 @@ class KeyStore:
 
     def verify(self, secret: str, now: datetime | None = None) -> Principal | None:
         """The active key matching ``secret``, or None (unknown, expired or revoked)."""
+        p = self.lookup(secret)
+        return p if p is not None and p.status(now or utcnow()) == "active" else None
+
+    def lookup(self, secret: str) -> Principal | None:
+        """The key matching ``secret`` whatever its status, or None."""
         if not secret.startswith(KEY_PREFIX) or len(secret) > 200:
             return None
+        h = hash_key(secret)
+        if self._sqlite_path is not None:
+            raw = self._raw_row(h)
+            return None if raw is None else _principal_from_mapping(dict(raw))
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(api_keys).where(api_keys.c.key_hash == hash_key(secret))
-            ).first()
-        if row is None:
-            return None
-        p = _principal(row)
-        return p if p.status(now or utcnow()) == "active" else None
+            row = conn.execute(select(api_keys).where(api_keys.c.key_hash == h)).first()
+        return None if row is None else _principal(row)
 
     def get(self, key_id: str) -> Principal:
         """The key with id ``key_id``. Raises KeyError_ if there is none."""

@@ -69,6 +69,7 @@ def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
 
 
 def _logging(settings: Settings) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

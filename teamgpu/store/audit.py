@@ -21,6 +21,7 @@ from teamgpu.store.tables import usage
 log = logging.getLogger("teamgpu.audit")
 
 BATCH_ROWS = 500
+BATCH_WAIT_S = 0.05  # after the first row, gather more for this long: one commit per batch
 
 
 @dataclass
@@ -91,6 +92,8 @@ class AuditLog:
                 stop = True
             else:
                 batch.append(first)
+                if self._queue.qsize() < BATCH_ROWS:
+                    await asyncio.sleep(BATCH_WAIT_S)
             while len(batch) < BATCH_ROWS and not self._queue.empty():
                 item = self._queue.get_nowait()
                 n_items += 1

@@ -14,8 +14,10 @@ object in its body, which the gateway passes through like any unknown field:
               "break_after": null,    # stream: drop the connection after N tokens
               "no_done": false}}      # stream: end without data: [DONE]
 
-``FakeBackend.requests`` records every request body received, and ``active`` counts the
-generations in progress (a disconnect by the gateway shows up as ``aborted``).
+``FakeBackend.requests`` records every request received as ``{"path", "body",
+"request_id"}`` (the ``X-Request-Id`` the gateway sent), and ``active`` counts the
+generations in progress, streamed or not (a disconnect by the gateway shows up as
+``aborted``).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ class FakeBackend:
             await _json(send, _err("bad json", 400), 400)
             return
         if self.record:
-            self.requests.append({"path": path, "body": req})
+            rid_header = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+            self.requests.append({"path": path, "body": req, "request_id": rid_header or None})
         fake = req.get("fake") or {}
         if fake.get("status"):
             await _json(send, _err(f"fake error {fake['status']}", fake["status"]), fake["status"])
@@ -123,7 +126,14 @@ class FakeBackend:
                        "usage": usage}
             delay = float(fake.get("delay_s", 0))
             if delay:
-                await asyncio.sleep(delay * n_tok)
+                # a generation in progress: a disconnect of the caller aborts it, as vLLM does
+                self.active += 1
+                try:
+                    if await _disconnected_within(receive, delay * n_tok):
+                        self.aborted += 1
+                        return
+                finally:
+                    self.active -= 1
             await _json(send, out)
             return
         await self._stream(send, receive, req, fake, chat, n_tok, text, usage, rid)
@@ -206,6 +216,20 @@ class FakeBackend:
             watcher.cancel()
 
 
+async def _disconnected_within(receive: Any, timeout_s: float) -> bool:
+    """Whether the caller disconnects within ``timeout_s`` (the request body is read)."""
+
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    try:
+        await asyncio.wait_for(wait(), timeout_s)
+    except TimeoutError:
+        return False
+    return True
+
+
 def _err(message: str, status: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
 
@@ -249,3 +273,34 @@ class ServerThread:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs in (available once it started)."""
+        return self.server.servers[0].get_loop()
+
+    def call(self, aw: Any, timeout_s: float = 10.0) -> Any:
+        """Run the coroutine ``aw`` in the server's event loop and return its result.
+
+        For tests that must reach into a running app, e.g.
+        ``thread.call(app.state.gw.audit.flush())``.
+        """
+        return asyncio.run_coroutine_threadsafe(aw, self.loop).result(timeout_s)
+
+
+def main() -> None:
+    """``python -m teamgpu.testing.fake_backend --port P``: serve the fake on 127.0.0.1."""
+    import argparse
+
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model", default=MODEL)
+    a = ap.parse_args()
+    uvicorn.run(FakeBackend(a.model, record=False), host="127.0.0.1", port=a.port,
+                log_level="warning", access_log=False, http="httptools", loop="uvloop")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
+
+from teamgpu.upstream.client import UpstreamClient
 
 log = logging.getLogger("teamgpu.backends")
 
@@ -53,7 +55,7 @@ class BackendPool:
     def __init__(
         self,
         urls: list[str],
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         *,
         health_interval_s: float = 2.0,
         aliases: dict[str, str] | None = None,
@@ -100,18 +102,18 @@ class BackendPool:
     async def poll(self, b: Backend) -> None:
         """One health check: ``/health`` (404 tolerated for non-vLLM servers), then models."""
         try:
-            r = await self.client.get(f"{b.url}/health", timeout=3.0)
-            if r.status_code >= 500:
-                b.mark(False, f"/health answered {r.status_code}")
+            status, _ = await self.client.get_text(f"{b.url}/health", 3.0)
+            if status >= 500:
+                b.mark(False, f"/health answered {status}")
                 return
-            r = await self.client.get(f"{b.url}/v1/models", timeout=3.0)
-            if r.status_code != 200:
-                b.mark(False, f"/v1/models answered {r.status_code}")
+            status, body = await self.client.get_json(f"{b.url}/v1/models", 3.0)
+            if status != 200 or not isinstance(body, dict):
+                b.mark(False, f"/v1/models answered {status}")
                 return
-            data = r.json().get("data") or []
+            data = body.get("data") or []
             b.models = {m["id"]: m for m in data if isinstance(m, dict) and "id" in m}
             b.mark(True)
-        except (httpx.HTTPError, ValueError, KeyError, AttributeError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             b.mark(False, f"{type(exc).__name__}: {exc}")
 
     def report_failure(self, b: Backend, error: str) -> None:

@@ -1,8 +1,4 @@
-"""Sending a request to a backend, and relaying its streamed answer event by event.
-
-httpx exceptions are converted here, once, to the gateway's own errors
-(:func:`convert_httpx_error`); nothing above this module sees an httpx exception.
-"""
+"""Relaying a backend's streamed answer to the client, event by event."""
 
 from __future__ import annotations
 
@@ -11,10 +7,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import orjson
 
-from teamgpu.errors import BackendError, BackendTimeout, GatewayError, ServiceUnavailable, error_json
+from teamgpu.errors import GatewayError, error_json
+from teamgpu.upstream.client import UpstreamResponse
 from teamgpu.upstream.sse import SSEParseError, SSEParser
 from teamgpu.upstream.usage import StreamAccount
 
@@ -27,53 +23,13 @@ STREAM_HEADERS = [
 ]
 
 
-def convert_httpx_error(exc: httpx.HTTPError, backend_url: str, retry_after_s: int) -> GatewayError:
-    """Map an httpx failure to the error the client sees.
-
-    Connect failures -> 503 with Retry-After (the backend is down or restarting);
-    timeouts -> 504; anything else (reset, protocol error) -> 502.
-    """
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
-        return ServiceUnavailable(
-            f"backend {backend_url} is not reachable; try again shortly",
-            retry_after_s=retry_after_s,
-            code="backend_unavailable",
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return BackendTimeout(f"backend {backend_url} did not answer in time ({type(exc).__name__})")
-    return BackendError(f"backend {backend_url} failed: {type(exc).__name__}: {exc}")
-
-
-async def open_stream(
-    client: httpx.AsyncClient,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    *,
-    backend_url: str,
-    retry_after_s: int,
-) -> httpx.Response:
-    """POST ``body`` to ``url`` and return once the response headers arrived.
-
-    The caller owns the returned response and must ``aclose()`` it.
-
-    Raises:
-        ServiceUnavailable, BackendTimeout, BackendError: see :func:`convert_httpx_error`.
-    """
-    req = client.build_request("POST", url, content=body, headers=headers)
-    try:
-        return await client.send(req, stream=True)
-    except httpx.HTTPError as exc:
-        raise convert_httpx_error(exc, backend_url, retry_after_s) from exc
-
-
 def mid_stream_error_event(message: str, code: str = "backend_error") -> bytes:
     """The SSE event that ends a stream that broke after it started (fault F13)."""
     return b"data: " + error_json(message, "server_error", None, code) + b"\n\n"
 
 
 async def read_first_event(
-    resp: httpx.Response, parser: SSEParser, account: StreamAccount
+    resp: UpstreamResponse, parser: SSEParser, account: StreamAccount
 ) -> tuple[list[bytes], Any]:
     """Read until the first complete event (or the end of the stream).
 
@@ -81,9 +37,9 @@ async def read_first_event(
     The first event decides whether the stream started well: a stream whose first event
     is an error is answered as a non-200 JSON error instead (fault F13).
     """
-    it = resp.aiter_raw()
+    it = resp.chunks()
     chunks: list[bytes] = []
-    async for chunk in it:
+    async for chunk in it:  # noqa: B007 - the iterator goes on in the relay
         chunks.append(chunk)
         evs = parser.feed(chunk)
         if evs:
@@ -107,7 +63,7 @@ class StreamRelay:
 
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         first_chunks: list[bytes],
         rest: Any,
         parser: SSEParser,
@@ -154,7 +110,7 @@ class StreamRelay:
 
     async def _finish(self) -> None:
         try:
-            await self.upstream.aclose()
+            self.upstream.close()
         finally:
             await self.on_end(self.outcome, self.error)
 
@@ -190,9 +146,9 @@ class StreamRelay:
             elif account.error is not None:
                 self.outcome = "backend_error"
                 self.error = account.error
-        except (httpx.HTTPError, SSEParseError) as exc:
-            self.outcome = "backend_timeout" if isinstance(exc, httpx.TimeoutException) else "backend_error"
-            self.error = f"backend {self.backend_url} failed mid-stream: {type(exc).__name__}: {exc}"
+        except (GatewayError, SSEParseError) as exc:
+            self.outcome = getattr(exc, "outcome", "backend_error")
+            self.error = f"failed mid-stream: {exc}"
             log.warning("%s", self.error)
             await send(self._body(mid_stream_error_event(self.error)))
         await send({"type": "http.response.body", "body": b"", "more_body": False})

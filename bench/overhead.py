@@ -1,0 +1,189 @@
+"""What the gateway adds: the same load direct to a fast fake backend and through the gateway.
+
+    .venv/bin/python bench/overhead.py [--rate 200] [--seconds 10] [--json]
+
+Three processes on this machine: the fake backend (teamgpu.testing.fake_backend), the
+gateway (``teamgpu serve``), and this load generator. For each of non-streaming and
+streaming chat completions it sends an open-loop load at ``--rate`` requests/s (fixed
+schedule, so a slow server cannot slow the load down) first direct, then through the
+gateway, and prints latency p50/p99 both ways and the difference: the latency the gateway
+adds. Then it finds the highest request rate sustained with 64 concurrent clients, both
+ways. Targets (issue 2): added p50 <= 1 ms and p99 <= 5 ms at 200 requests/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+BIN = Path(PY).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 16, "fake": {"tokens": 4}}
+
+
+async def one(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+              stream: bool) -> float:
+    t0 = time.perf_counter()
+    body = {**BODY, "stream": True} if stream else BODY
+    async with session.post(url, json=body, headers=headers) as r:
+        if stream:
+            async for _ in r.content.iter_any():
+                pass
+        else:
+            await r.read()
+        assert r.status == 200, r.status
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _session(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit))
+
+
+async def open_loop(url: str, headers: dict[str, str], rate: float, seconds: float,
+                    stream: bool) -> tuple[list[float], int]:
+    async with _session(512) as session:
+        for _ in range(50):  # warm up connections and code paths
+            await one(session, url, headers, stream)
+        n = int(rate * seconds)
+        start = time.perf_counter()
+        tasks = []
+        late = 0
+        for i in range(n):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.005:
+                late += 1
+            tasks.append(asyncio.ensure_future(one(session, url, headers, stream)))
+        lat = await asyncio.gather(*tasks)
+    return list(lat), late
+
+
+async def closed_loop(url: str, headers: dict[str, str], conc: int, seconds: float) -> float:
+    async with _session(conc) as session:
+        done = 0
+        end = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                await one(session, url, headers, False)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return done / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=200.0, help="requests/s of the open-loop load")
+    ap.add_argument("--seconds", type=float, default=10.0, help="duration of each load phase")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    a = ap.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    data_dir = tempfile.mkdtemp(prefix="teamgpu-bench-")
+    fport, gport = free_port(), free_port()
+    env = {**os.environ, "TEAMGPU_DATA_DIR": data_dir}
+    procs = [subprocess.Popen([PY, "-m", "teamgpu.testing.fake_backend", "--port", str(fport)],
+                              env=env)]
+    try:
+        wait_http(f"http://127.0.0.1:{fport}/health")
+        key = json.loads(subprocess.check_output(
+            [str(BIN / "teamgpu"), "keys", "create", "bench", "--json"], env=env))["key"]
+        procs.append(subprocess.Popen(
+            [str(BIN / "teamgpu"), "serve", "--backend", f"http://127.0.0.1:{fport}",
+             "--port", str(gport), "--host", "127.0.0.1"], env={**env, "TEAMGPU_LOG_LEVEL": "warning"},
+            stderr=subprocess.DEVNULL))
+        wait_http(f"http://127.0.0.1:{gport}/readyz")
+        direct = f"http://127.0.0.1:{fport}/v1/chat/completions"
+        via = f"http://127.0.0.1:{gport}/v1/chat/completions"
+        auth = {"Authorization": f"Bearer {key}"}
+        results: dict[str, dict[str, float]] = {}
+        for stream in (False, True):
+            name = "streaming" if stream else "non-streaming"
+            d, late_d = asyncio.run(open_loop(direct, {}, a.rate, a.seconds, stream))
+            g, late_g = asyncio.run(open_loop(via, auth, a.rate, a.seconds, stream))
+            results[name] = {
+                "direct_p50_ms": pct(d, 50), "direct_p99_ms": pct(d, 99),
+                "gateway_p50_ms": pct(g, 50), "gateway_p99_ms": pct(g, 99),
+                "added_p50_ms": pct(g, 50) - pct(d, 50), "added_p99_ms": pct(g, 99) - pct(d, 99),
+                "requests": len(g), "late_sends": late_d + late_g,
+                "direct_mean_ms": statistics.fmean(d), "gateway_mean_ms": statistics.fmean(g),
+            }
+        rate_d = asyncio.run(closed_loop(direct, {}, 64, a.seconds / 2))
+        rate_g = asyncio.run(closed_loop(via, auth, 64, a.seconds / 2))
+        results["max_rate"] = {"direct_rps": rate_d, "gateway_rps": rate_g}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+    if a.json:
+        print(json.dumps({"rate": a.rate, "seconds": a.seconds, **results}, indent=2))
+        return
+    print(f"\nGateway overhead at {a.rate:g} requests/s, {a.seconds:g} s per phase "
+          f"(fake backend, 4 tokens per answer; {os.cpu_count()} cores shared by all three)\n")
+    print("| requests | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("non-streaming", "streaming"):
+        r = results[name]
+        print(f"| {name} | {r['direct_p50_ms']:.2f} ms | {r['direct_p99_ms']:.2f} ms | "
+              f"{r['gateway_p50_ms']:.2f} ms | {r['gateway_p99_ms']:.2f} ms | "
+              f"**{r['added_p50_ms']:.2f} ms** | **{r['added_p99_ms']:.2f} ms** |")
+    m = results["max_rate"]
+    print(f"\nHighest rate sustained, 64 concurrent clients, non-streaming: direct "
+          f"{m['direct_rps']:.0f} requests/s, through the gateway {m['gateway_rps']:.0f} requests/s")
+
+
+if __name__ == "__main__":
+    main()

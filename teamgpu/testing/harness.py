@@ -1,0 +1,164 @@
+"""A real gateway on loopback for tests, and helpers to check what it answers.
+
+:func:`start_gateway` serves ``teamgpu.app.create_app`` with uvicorn in a
+:class:`~teamgpu.testing.fake_backend.ServerThread`, so requests cross real sockets and
+streams are really streamed. Audit rows are written off the request path;
+:meth:`Harness.wait_row` polls the store until the row of a request id appears, and
+:meth:`Harness.flush` waits, in the server's own event loop, until everything queued so
+far is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from teamgpu.app import create_app
+from teamgpu.settings import Settings
+from teamgpu.testing.fake_backend import ServerThread
+
+__all__ = [
+    "ERROR_KEYS", "Harness", "assert_openai_error", "event_data", "sse_events",
+    "start_gateway", "wait_until",
+]
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def wait_until(cond: Callable[[], Any], timeout_s: float = 5.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    """Split a stream of ``\\n\\n``-terminated events (as the fake writes them) into the
+    events' bytes, terminators included. Independent of the gateway's own SSE parser."""
+    parts = raw.split(b"\n\n")
+    assert parts[-1] == b"", f"stream does not end with a complete event: {raw[-80:]!r}"
+    return [p + b"\n\n" for p in parts[:-1]]
+
+
+def event_data(ev: bytes) -> bytes:
+    assert ev.startswith(b"data: "), ev
+    return ev[len(b"data: "):].rstrip(b"\n")
+
+
+def assert_openai_error(r: httpx.Response, status: int, *, param: Any = ...,
+                        code: Any = ...) -> dict[str, Any]:
+    """``r`` is an error in OpenAI's shape with exactly the four keys; returns ``error``."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == ERROR_KEYS, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["type"]
+    assert err["code"] is None or isinstance(err["code"], str), err
+    if param is not ...:
+        assert err["param"] == param, err
+    if code is not ...:
+        assert err["code"] == code, err
+    assert r.headers.get("x-request-id"), r.headers
+    return err  # type: ignore[no-any-return]
+
+
+@dataclass
+class Harness:
+    """A running gateway and what tests need to reach into it."""
+
+    app: Any
+    thread: ServerThread
+    settings: Settings
+    admin_key: str
+    user_key: str
+    user: str = "alice"
+    _clients: list[httpx.Client] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+    @property
+    def gw(self) -> Any:
+        return self.app.state.gw
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    @property
+    def db_path(self) -> Path:
+        return self.settings.data_dir / "teamgpu.db"
+
+    def client(self, key: str | None = "user", *, timeout_s: float = 10.0,
+               **kw: Any) -> httpx.Client:
+        """An HTTP client to the gateway; ``key`` is ``"user"``, ``"admin"``, a secret or
+        None (no key)."""
+        secret = {"user": self.user_key, "admin": self.admin_key}.get(key or "", key)
+        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+        c = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s,
+                         trust_env=False, **kw)
+        self._clients.append(c)
+        return c
+
+    def flush(self) -> None:
+        """Wait until every audit row queued so far is written."""
+        self.thread.call(self.gw.audit.flush())
+
+    def rows(self, request_id: str | None = None) -> list[dict[str, Any]]:
+        """Audit rows (of one request id, or all), oldest first."""
+        with contextlib.closing(sqlite3.connect(self.db_path, timeout=5.0)) as conn:
+            conn.row_factory = sqlite3.Row
+            if request_id is None:
+                cur = conn.execute("SELECT * FROM usage ORDER BY id")
+            else:
+                cur = conn.execute("SELECT * FROM usage WHERE request_id = ? ORDER BY id",
+                                   (request_id,))
+            return [dict(r) for r in cur.fetchall()]
+
+    def wait_row(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The one audit row of ``request_id``: waits until it is written, then checks that
+        there is exactly one."""
+        wait_until(lambda: self.rows(request_id), timeout_s, f"audit row of {request_id}")
+        self.flush()
+        rows = self.rows(request_id)
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    def close_clients(self) -> None:
+        for c in self._clients:
+            c.close()
+        self._clients.clear()
+
+
+@contextlib.contextmanager
+def start_gateway(data_dir: Path, backends: list[str], **settings: Any) -> Iterator[Harness]:
+    """Serve a gateway on loopback in front of ``backends`` with ``settings`` overrides.
+
+    Creates an admin key (user ``root``) and a user key (user ``alice``).
+    """
+    s = Settings(data_dir=data_dir, backends=backends, **settings)
+    app = create_app(s)
+    admin_key, _ = app.state.gw.keys.create("root", admin=True)
+    user_key, _ = app.state.gw.keys.create("alice")
+    with ServerThread(app) as thread:
+        h = Harness(app=app, thread=thread, settings=s, admin_key=admin_key, user_key=user_key)
+        try:
+            yield h
+        finally:
+            h.close_clients()
