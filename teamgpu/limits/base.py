@@ -88,9 +88,7 @@ class Limiter(Protocol):
         """
         ...
 
-    async def status(
-        self, key_id: str, limits: KeyLimits, now: float | None = None
-    ) -> LimitStatus:
+    async def status(self, key_id: str, limits: KeyLimits, now: float | None = None) -> LimitStatus:
         """The key's standing without reserving anything.
 
         Raises:
@@ -165,24 +163,20 @@ def refusal(limits: KeyLimits, est_tokens: int, waits: Waits, usage: Usage) -> R
     binding limit is the one with the longest wait (ties: requests, tokens, concurrent,
     daily_tokens).
     """
-    candidates: list[tuple[int, LimitName]] = [
-        (w, name)
-        for w, name in (
-            (waits.requests, "requests"),
-            (waits.tokens, "tokens"),
-            (waits.concurrent, "concurrent"),
-            (waits.daily_tokens, "daily_tokens"),
-        )
-        if w is not None
-    ]
+    named: tuple[tuple[int | None, LimitName], ...] = (
+        (waits.requests, "requests"),
+        (waits.tokens, "tokens"),
+        (waits.concurrent, "concurrent"),
+        (waits.daily_tokens, "daily_tokens"),
+    )
+    candidates = [(w, name) for w, name in named if w is not None]
     wait_us, limit = max(candidates, key=lambda c: c[0])  # max keeps the first of ties
     retry_after_s = ceil_seconds(wait_us)
     if limit == "requests":
         what = f"requests per min (RPM): Limit {limits.rpm}, Used {usage.requests}, Requested 1"
     elif limit == "tokens":
         what = (
-            f"tokens per min (TPM): Limit {limits.tpm}, Used {usage.tokens}, "
-            f"Requested {est_tokens}"
+            f"tokens per min (TPM): Limit {limits.tpm}, Used {usage.tokens}, Requested {est_tokens}"
         )
     elif limit == "concurrent":
         what = f"concurrent requests: Limit {limits.max_concurrent}, In flight {usage.in_flight}"
@@ -192,6 +186,4 @@ def refusal(limits: KeyLimits, est_tokens: int, waits: Waits, usage: Usage) -> R
             f"Requested {est_tokens}; the quota resets at 00:00 UTC"
         )
     message = f"Rate limit reached on {what}. Please try again in {retry_after_s}s."
-    return RateLimited(
-        limit, retry_after_s, message, limit_status=status_from_usage(limits, usage)
-    )
+    return RateLimited(limit, retry_after_s, message, limit_status=status_from_usage(limits, usage))

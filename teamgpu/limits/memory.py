@@ -76,9 +76,7 @@ class MemoryLimiter:
             reservation.day,
         )
 
-    async def status(
-        self, key_id: str, limits: KeyLimits, now: float | None = None
-    ) -> LimitStatus:
+    async def status(self, key_id: str, limits: KeyLimits, now: float | None = None) -> LimitStatus:
         """See :meth:`teamgpu.limits.base.Limiter.status`."""
         now_us = wall_clock_us(now)
         state = self._state(key_id)

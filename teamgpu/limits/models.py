@@ -57,7 +57,9 @@ class KeyLimits:
         for name in ("rpm", "tpm", "max_concurrent", "daily_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"KeyLimits.{name} must be an int >= 0 (0 = unlimited), got {value!r}")
+                raise ValueError(
+                    f"KeyLimits.{name} must be an int >= 0 (0 = unlimited), got {value!r}"
+                )
 
 
 @dataclass

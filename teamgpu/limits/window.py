@@ -29,7 +29,7 @@ from teamgpu.limits.models import CONCURRENCY_RETRY_US, DAY_US, WINDOW_US, KeyLi
 
 
 class _Entry:
-    __slots__ = ("ts_us", "amount", "entry_id")
+    __slots__ = ("amount", "entry_id", "ts_us")
 
     def __init__(self, ts_us: int, amount: int, entry_id: str | None) -> None:
         self.ts_us = ts_us
@@ -44,7 +44,7 @@ class WindowLog:
         window_us: window length in microseconds.
     """
 
-    __slots__ = ("window_us", "total", "_entries", "_by_id")
+    __slots__ = ("_by_id", "_entries", "total", "window_us")
 
     def __init__(self, window_us: int = WINDOW_US) -> None:
         self.window_us = window_us
@@ -164,7 +164,7 @@ class KeyState:
     """All limit state of one key, in process: the request and token windows, the
     requests in flight and today's token count."""
 
-    __slots__ = ("requests", "tokens", "in_flight", "day", "day_used")
+    __slots__ = ("day", "day_used", "in_flight", "requests", "tokens")
 
     def __init__(self) -> None:
         self.requests = WindowLog()
