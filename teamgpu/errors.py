@@ -11,7 +11,7 @@ is rendered as a 500 ``internal_error`` (never as a 4xx).
 
 Tree::
 
-    GatewayError
+    GatewayError                   500 internal_error (the base)
     ├── BadRequest                 400 invalid_request_error
     │   ├── InvalidJSON            400 invalid_json
     │   ├── ContextLengthExceeded  400 context_length_exceeded

@@ -12,8 +12,8 @@ __all__ = ["FairQueueConfig", "default_queue_timeouts_s"]
 
 
 def default_queue_timeouts_s() -> dict[PriorityClass, float]:
-    """Default per-class queue timeouts: high 30 s, normal 120 s, low 600 s."""
-    return {PriorityClass.HIGH: 30.0, PriorityClass.NORMAL: 120.0, PriorityClass.LOW: 600.0}
+    """Default per-class queue timeouts: high 60 s, normal 300 s, low 3600 s."""
+    return {PriorityClass.HIGH: 60.0, PriorityClass.NORMAL: 300.0, PriorityClass.LOW: 3600.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,15 +34,15 @@ class FairQueueConfig:
             ``2 * aging_s`` a request is in the top class, where no class can overtake
             it, and the Virtual Token Counter lets other users get at most about one
             request's cost each ahead of its user before it is picked (see
-            docs/scheduler.md). Default 60.0 s; > 0; ``math.inf`` disables aging (and the
+            docs/scheduler.md). Default 30.0 s; > 0; ``math.inf`` disables aging (and the
             bound).
         max_queued_per_user: Most requests one user may have waiting; one more is
             rejected with ``UserQueueFull`` (429). Default 256; >= 1.
         max_queued_total: Most requests waiting in all; one more is rejected with
-            ``QueueFull`` (503). Default 2048; >= 1.
+            ``QueueFull`` (503). Default 4096; >= 1.
         queue_timeout_s: Longest wait per requested class, in seconds; past it the
-            request leaves the queue with ``QueueTimeout`` (503). Default high 30,
-            normal 120, low 600; every class must be present, each > 0 (``math.inf``
+            request leaves the queue with ``QueueTimeout`` (503). Default high 60,
+            normal 300, low 3600; every class must be present, each > 0 (``math.inf``
             for no timeout).
         reserved_slots_high: In-flight slots only ``high`` may use: ``normal`` is
             admitted only while ``in_flight < capacity - reserved_slots_high``.
@@ -66,9 +66,9 @@ class FairQueueConfig:
 
     input_token_weight: float = 1.0
     output_token_weight: float = 2.0
-    aging_s: float = 60.0
+    aging_s: float = 30.0
     max_queued_per_user: int = 256
-    max_queued_total: int = 2048
+    max_queued_total: int = 4096
     queue_timeout_s: dict[PriorityClass, float] = field(default_factory=default_queue_timeouts_s)
     reserved_slots_high: int = 2
     reserved_slots_normal: int = 1

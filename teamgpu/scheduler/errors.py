@@ -1,28 +1,32 @@
-"""Errors raised by the scheduler.
+"""Errors of the scheduler, each a node of the gateway's tree in :mod:`teamgpu.errors`.
 
-Each error that can reach a client carries the HTTP status it maps to, the OpenAI error
-``type`` and ``code``, and (for the queue errors) a ``Retry-After`` hint in whole seconds.
-The gateway's error handler renders them; nothing here imports HTTP code.
+The one error handler of the app renders them (OpenAI's error shape, ``Retry-After``).
 
-Tree::
+Tree (status the client sees, OpenAI ``code``)::
 
-    SchedulerError                      (base; never raised itself)
-    ├── InvalidPriority (ValueError)    400  bad X-Priority value / key default
-    └── QueueRejected                   (base of the "try again later" errors)
-        ├── UserQueueFull               429  this user already has max_queued_per_user queued
-        ├── QueueFull                   503  the whole queue holds max_queued_total requests
-        └── QueueTimeout                503  waited longer than the class's queue timeout
+    GatewayError
+    ├── BadRequest                        400
+    │   └── InvalidPriority               400 invalid_priority (param "X-Priority")
+    │       └── scheduler.InvalidPriority 400 (also a ValueError)
+    ├── TooManyRequests                   429 (Retry-After)
+    │   └── UserQueueFull                 429 user_queue_full (Retry-After)
+    └── ServiceUnavailable                503 (Retry-After)
+        ├── QueueFull                     503 queue_full (Retry-After)
+        └── QueueTimeout                  503 queue_timeout (Retry-After)
 
-    SchedulerConfigError (ValueError)   a bad FairQueueConfig or capacity; a start-up
-                                        error, not a client error (never a 4xx)
+    SchedulerError  (a mixin base of the four scheduler errors above)
+
+    SchedulerConfigError (ValueError)     a bad FairQueueConfig or capacity; a start-up
+                                          error, never rendered as a 4xx
 """
 
 from __future__ import annotations
 
+from teamgpu import errors as gateway_errors
+
 __all__ = [
     "InvalidPriority",
     "QueueFull",
-    "QueueRejected",
     "QueueTimeout",
     "SchedulerConfigError",
     "SchedulerError",
@@ -30,70 +34,40 @@ __all__ = [
 ]
 
 
-class SchedulerError(Exception):
+class SchedulerError(gateway_errors.GatewayError):
     """Base of the scheduler's client-facing errors.
 
-    Attributes:
-        status_code: HTTP status the client sees.
-        error_type: OpenAI error ``type``.
-        code: OpenAI error ``code``.
-        retry_after_s: Value for the ``Retry-After`` header in whole seconds, or None
-            when retrying the same request cannot help.
+    Status, ``type`` and ``code`` come from the concrete class. The queue errors carry
+    ``retry_after_s`` (whole seconds, >= 1), also sent as ``Retry-After``.
     """
 
-    status_code: int = 500
-    error_type: str = "server_error"
-    code: str = "scheduler_error"
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after_s = retry_after_s
+class InvalidPriority(SchedulerError, gateway_errors.InvalidPriority, ValueError):
+    """A priority name that is not high, normal, low, interactive or batch (400)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="X-Priority")
 
 
-class InvalidPriority(SchedulerError, ValueError):
-    """A priority name that is not one of high, normal, low, interactive, batch (400)."""
+class UserQueueFull(SchedulerError, gateway_errors.TooManyRequests):
+    """The user already has ``max_queued_per_user`` requests waiting (429, Retry-After)."""
 
-    status_code = 400
-    error_type = "invalid_request_error"
-    code = "invalid_priority"
-    param = "X-Priority"
-
-
-class QueueRejected(SchedulerError):
-    """A request the queue could not take or keep; the client may retry later.
-
-    ``retry_after_s`` is always set (at least 1).
-    """
-
-    retry_after_s: int
-
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message, retry_after_s=max(1, int(retry_after_s)))
-
-
-class UserQueueFull(QueueRejected):
-    """The user already has ``max_queued_per_user`` requests waiting (429)."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
     code = "user_queue_full"
+    outcome = "queue_full"
 
 
-class QueueFull(QueueRejected):
-    """The queue already holds ``max_queued_total`` requests (503)."""
+class QueueFull(SchedulerError, gateway_errors.ServiceUnavailable):
+    """The queue already holds ``max_queued_total`` requests (503, Retry-After)."""
 
-    status_code = 503
-    error_type = "server_error"
     code = "queue_full"
+    outcome = "queue_full"
 
 
-class QueueTimeout(QueueRejected):
-    """The request waited longer than its class's ``queue_timeout_s`` (503)."""
+class QueueTimeout(SchedulerError, gateway_errors.ServiceUnavailable):
+    """The request waited longer than its class's ``queue_timeout_s`` (503, Retry-After)."""
 
-    status_code = 503
-    error_type = "server_error"
     code = "queue_timeout"
+    outcome = "queue_timeout"
 
 
 class SchedulerConfigError(ValueError):

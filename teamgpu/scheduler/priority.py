@@ -55,6 +55,10 @@ class PriorityClass(IntEnum):
                 "(aliases: interactive, batch)"
             ) from None
 
+    def capped(self, ceiling: PriorityClass) -> PriorityClass:
+        """This class, or ``ceiling`` if this one is above it (a key's ``--max-priority``)."""
+        return PriorityClass(max(self, ceiling))
+
     def promoted(self, levels: int) -> PriorityClass:
         """Return the class ``levels`` steps better than this one, never above HIGH."""
         return PriorityClass(max(PriorityClass.HIGH, self - max(0, levels)))
