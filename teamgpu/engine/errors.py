@@ -1,0 +1,44 @@
+"""Errors raised while launching and supervising the vLLM engine.
+
+These are process-level errors for the CLI (``teamgpu up``), not HTTP errors: a client
+never sees them directly. While the engine is down the gateway answers with its own
+``ServiceUnavailable`` (503) from :mod:`teamgpu.errors`.
+
+Tree::
+
+    EngineError
+    ├── EngineConfigError   an EngineSpec that cannot be launched (bad extra flags)
+    └── EngineStartError    the engine exited, timed out or was stopped before /health
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every engine launch or supervision error."""
+
+
+class EngineConfigError(EngineError):
+    """The engine spec cannot be turned into a command line.
+
+    Raised by :func:`teamgpu.engine.supervisor.build_command`, for example when the extra
+    flags try to set one the supervisor owns (``--port``, ``--host``, ...).
+    """
+
+
+class EngineStartError(EngineError):
+    """The engine did not become healthy.
+
+    The message ends with the tail of the engine's log, the usual place to see why.
+
+    Attributes:
+        returncode: the engine's exit status, or None if it was still running (timeout,
+            or stopped on request) when the start was given up.
+        log_tail: the last lines of the engine log of this attempt ("" without a log).
+    """
+
+    def __init__(self, message: str, *, returncode: int | None = None, log_tail: str = ""):
+        full = f"{message}\n--- engine log (last lines) ---\n{log_tail}" if log_tail else message
+        super().__init__(full)
+        self.returncode = returncode
+        self.log_tail = log_tail

@@ -1,0 +1,490 @@
+"""Launch vLLM's OpenAI server as a child process and keep it running.
+
+The gateway never imports vLLM: the engine runs in its own venv (made by
+``scripts/setup-engine.sh``), listens on a private port bound to 127.0.0.1, and is
+reached over HTTP. :class:`EngineSupervisor` owns that process:
+
+- :meth:`~EngineSupervisor.start` spawns it and polls ``GET /health`` until it answers
+  200, reporting progress through ``on_state``;
+- :meth:`~EngineSupervisor.run` restarts it with exponential backoff whenever it exits;
+- :meth:`~EngineSupervisor.stop` terminates it and everything it spawned.
+
+No orphans: vLLM's API server forks an engine-core process (which forks workers), so the
+engine is started in a session and process group of its own and the whole group is
+signalled. If the gateway itself dies without running :meth:`stop` (SIGKILL, OOM
+killer), the kernel sends the engine SIGTERM through ``prctl(PR_SET_PDEATHSIG)`` (Linux
+only), and vLLM then shuts its own children down.
+
+Only the standard library, asyncio and httpx are used here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO
+
+import httpx
+
+from teamgpu.engine.errors import EngineConfigError, EngineStartError
+
+__all__ = [
+    "CPU_DEFAULT_ARGS",
+    "EngineSpec",
+    "EngineState",
+    "EngineSupervisor",
+    "build_command",
+    "free_port",
+]
+
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+HOST = "127.0.0.1"
+# Flags the supervisor sets itself; EngineSpec.args may not repeat them.
+RESERVED_FLAGS = ("--model", "--host", "--port", "--served-model-name")
+# Added unless EngineSpec.args sets them. Priority scheduling is what the gateway's
+# priority classes map onto (lower value served first).
+DEFAULT_ARGS = (("--scheduling-policy", "priority"),)
+# On the CPU (the only device of the test machines) a short context and a small batch
+# keep memory and start-up time down; a GPU keeps vLLM's own defaults.
+CPU_DEFAULT_ARGS = (("--max-model-len", "2048"), ("--max-num-seqs", "16"))
+PR_SET_PDEATHSIG = 1
+LOG_TAIL_LINES = 40
+LOG_TAIL_BYTES = 16_384
+KILL_WAIT_S = 5.0  # how long stop() waits for SIGKILLed processes to vanish
+
+
+class EngineState(enum.StrEnum):
+    """Where the engine process is in its life."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to launch one vLLM server.
+
+    Attributes:
+        python: the engine venv's python (it must be able to import vllm).
+        model: a local model folder or a model id.
+        served_model_name: the model name clients send.
+        port: private TCP port; the server binds 127.0.0.1 only.
+        args: further vLLM flags, as given to ``--engine-arg``. They may override the
+            defaults (``--scheduling-policy``, and on the CPU ``--max-model-len``,
+            ``--max-num-seqs``) but not the flags in ``RESERVED_FLAGS``.
+        env: variables added to the inherited environment (``VLLM_CPU_KVCACHE_SPACE``).
+        log_path: file that receives the engine's stdout and stderr (appended to, one
+            header line per launch); None discards them.
+        device: ``cpu`` applies ``CPU_DEFAULT_ARGS``; ``cuda`` leaves vLLM's defaults.
+    """
+
+    python: Path
+    model: str
+    served_model_name: str
+    port: int
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    log_path: Path | None = None
+    device: str = "cpu"
+
+
+def _flag_name(arg: str) -> str:
+    """``--max_num_seqs=8`` -> ``--max-num-seqs`` (vLLM accepts both spellings)."""
+    return arg.split("=", 1)[0].replace("_", "-")
+
+
+def build_command(spec: EngineSpec) -> list[str]:
+    """The argv that starts vLLM's OpenAI server for ``spec``.
+
+    Args:
+        spec: what to launch.
+
+    Returns:
+        ``[python, -m, vllm.entrypoints.openai.api_server, --model, ..., --host,
+        127.0.0.1, --port, ..., --served-model-name, ..., <defaults not in args>,
+        *spec.args]``.
+
+    Raises:
+        EngineConfigError: ``spec.args`` sets a flag the supervisor owns, or
+            ``spec.device`` is neither ``cpu`` nor ``cuda``.
+    """
+    if spec.device not in ("cpu", "cuda"):
+        raise EngineConfigError(f"device must be 'cpu' or 'cuda', got {spec.device!r}")
+    given = {_flag_name(arg) for arg in spec.args if arg.startswith("--")}
+    clashes = sorted(given.intersection(RESERVED_FLAGS))
+    if clashes:
+        raise EngineConfigError(
+            f"engine args may not set {', '.join(clashes)}; the supervisor sets them "
+            f"(args: {list(spec.args)})"
+        )
+    command = [
+        str(spec.python), "-m", API_SERVER_MODULE,
+        "--model", spec.model,
+        "--host", HOST,
+        "--port", str(spec.port),
+        "--served-model-name", spec.served_model_name,
+    ]
+    defaults = DEFAULT_ARGS + (CPU_DEFAULT_ARGS if spec.device == "cpu" else ())
+    for flag, value in defaults:
+        if flag not in given:
+            command += [flag, value]
+    return command + list(spec.args)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it).
+
+    Another process may take it before the engine binds it; :meth:`EngineSupervisor.start`
+    then fails with :class:`EngineStartError` rather than talk to a stranger.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether nothing listens on ``port``; TIME_WAIT leftovers do not count."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the engine's server, so a restart on the same port is not refused.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel SIGTERM the child when we die (Linux).
+
+    ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` is set in the forked child just before exec and
+    survives the exec. Caveats: it fires when the *thread* that forked the child exits,
+    so start the engine from the thread that runs the event loop for the gateway's
+    whole life (the main thread); and it reaches the direct child only (vLLM's API
+    server), which on SIGTERM shuts down the engine core it spawned. The function runs
+    between fork and exec, so it only calls into the libc loaded beforehand.
+
+    Returns:
+        The function, or None where prctl is unavailable (then only :meth:`stop` and
+        the process group protect against orphans).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent_pid = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in process group ``pgid``."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp ...
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _read_tail(path: Path | None, start: int, max_lines: int) -> list[str]:
+    """The last ``max_lines`` non-empty lines written to ``path`` after byte ``start``."""
+    if path is None:
+        return []
+    try:
+        with path.open("rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(start, size - LOG_TAIL_BYTES))
+            data = log.read()
+    except OSError:
+        return []
+    lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines()]
+    return [line for line in lines if line][-max_lines:]
+
+
+class EngineSupervisor:
+    """Owns one engine process: start it, restart it when it dies, stop it.
+
+    Args:
+        spec: what to launch.
+        on_state: called as ``on_state(state, message)`` on every state change and,
+            while starting or restarting, every poll (0.5 s) with the elapsed seconds
+            and the engine's last log line, for a progress display. It runs in the
+            event loop; exceptions it raises propagate to the caller of start/run.
+        start_timeout_s: seconds one launch may take to answer 200 on ``/health``.
+        backoff_initial_s: delay before the first restart after a crash, in seconds;
+            it doubles with every further crash.
+        backoff_max_s: upper bound of that delay, in seconds.
+        healthy_reset_s: an engine that ran this long (seconds) since it was last ready
+            resets the backoff to ``backoff_initial_s``.
+        health_interval_s: seconds between two ``/health`` polls while starting.
+    """
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        on_state: Callable[[EngineState, str], None] | None = None,
+        start_timeout_s: float = 900.0,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        healthy_reset_s: float = 60.0,
+        health_interval_s: float = 0.5,
+    ) -> None:
+        self.spec = spec
+        self.base_url = f"http://{HOST}:{spec.port}"
+        self.state = EngineState.STOPPED
+        self.restarts = 0
+        self._on_state = on_state
+        self._start_timeout_s = start_timeout_s
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._healthy_reset_s = healthy_reset_s
+        self._health_interval_s = health_interval_s
+        self._process: asyncio.subprocess.Process | None = None
+        self._log_offset = 0
+        self._ready_at: float | None = None  # when the current process became ready
+        self._stopping = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        """PID (and process group id) of the current engine process, if any."""
+        return None if self._process is None else self._process.pid
+
+    def is_ready(self) -> bool:
+        """Whether the engine answered ``/health`` and has not exited since."""
+        return self.state is EngineState.READY
+
+    async def start(self) -> None:
+        """Launch the engine and wait until ``GET /health`` answers 200.
+
+        Raises:
+            EngineConfigError: the spec cannot be turned into a command.
+            EngineStartError: the port is taken, the process exited, ``start_timeout_s``
+                passed, or :meth:`stop` was called first. The process group is killed
+                and the state is ``failed`` (``stopped`` after :meth:`stop`).
+        """
+        self._stopping.clear()
+        try:
+            await self._launch(EngineState.STARTING)
+        except EngineStartError as exc:
+            if not self._stopping.is_set():
+                self._set_state(EngineState.FAILED, str(exc).splitlines()[0])
+            raise
+
+    async def run(self) -> None:
+        """Watch the engine and restart it whenever it exits, until :meth:`stop`.
+
+        Calls :meth:`start` first if the engine is not running. A restart waits
+        ``backoff_initial_s`` doubled per consecutive crash (at most ``backoff_max_s``);
+        the state is ``restarting`` from the crash until the new process is healthy. A
+        failed restart counts as another crash; the supervisor never gives up.
+
+        Raises:
+            EngineStartError: only from the initial :meth:`start`.
+        """
+        if self._process is None or self._process.returncode is not None:
+            await self.start()
+        backoff = self._backoff_initial_s
+        while not self._stopping.is_set():
+            returncode = await self._wait_exit_or_stop()
+            if returncode is None:
+                return
+            # The API server is gone; its engine core may not be. Clear the group.
+            await self._terminate(timeout_s=5.0)
+            ready_at = self._ready_at
+            if ready_at is not None and time.monotonic() - ready_at >= self._healthy_reset_s:
+                backoff = self._backoff_initial_s
+            self.restarts += 1
+            self._set_state(
+                EngineState.RESTARTING,
+                f"engine exited with status {returncode}; restarting in {backoff:.1f} s",
+            )
+            if await self._sleep_or_stop(backoff):
+                return
+            backoff = min(backoff * 2, self._backoff_max_s)
+            try:
+                await self._launch(EngineState.RESTARTING)
+            except EngineStartError as exc:
+                if self._stopping.is_set():
+                    return
+                first_line = str(exc).splitlines()[0]
+                self._set_state(EngineState.RESTARTING, f"restart failed: {first_line}")
+
+    async def stop(self, timeout_s: float = 15.0) -> None:
+        """Terminate the engine's whole process group; idempotent.
+
+        Sends SIGTERM to the group, waits up to ``timeout_s`` seconds for every process
+        in it to exit, then sends SIGKILL. Also ends a concurrent :meth:`run` and makes
+        a concurrent :meth:`start` raise :class:`EngineStartError`.
+        """
+        self._stopping.set()
+        await self._terminate(timeout_s)
+        if self.state is not EngineState.STOPPED:
+            self._set_state(EngineState.STOPPED, "engine stopped")
+
+    # --- internals -----------------------------------------------------------------
+
+    def _set_state(self, state: EngineState, message: str) -> None:
+        self.state = state
+        if self._on_state is not None:
+            self._on_state(state, message)
+
+    async def _launch(self, state: EngineState) -> None:
+        """Spawn one engine process and wait for health, reporting as ``state``."""
+        command = build_command(self.spec)
+        self._set_state(state, f"launching engine on {self.base_url}")
+        if not _port_is_free(self.spec.port):
+            raise EngineStartError(f"port {HOST}:{self.spec.port} is already in use")
+        self._ready_at = None
+        await self._spawn(command)
+        started = time.monotonic()
+        try:
+            async with httpx.AsyncClient(base_url=self.base_url, timeout=5.0) as client:
+                while True:
+                    elapsed = time.monotonic() - started
+                    if await self._healthy(client):
+                        break
+                    self._check_launch(elapsed)
+                    last = _read_tail(self.spec.log_path, self._log_offset, 1)
+                    self._set_state(state, f"waiting for the engine ({elapsed:.0f} s)"
+                                    + (f": {last[0]}" if last else ""))
+                    if await self._sleep_or_stop(self._health_interval_s):
+                        self._check_launch(elapsed)
+        except BaseException:
+            await self._terminate(timeout_s=5.0)
+            raise
+        self._ready_at = time.monotonic()
+        self._set_state(EngineState.READY,
+                        f"engine ready on {self.base_url} after {self._ready_at - started:.1f} s")
+
+    def _check_launch(self, elapsed_s: float) -> None:
+        """Raise EngineStartError if this launch is over: exited, stopped or too slow."""
+        assert self._process is not None
+        returncode = self._process.returncode
+        if self._stopping.is_set():  # first: stop() makes the engine exit, too
+            reason = "engine stopped before it was ready"
+        elif returncode is not None:
+            reason = f"engine exited with status {returncode} before it was ready"
+        elif elapsed_s > self._start_timeout_s:
+            reason = f"engine not ready after {self._start_timeout_s:.0f} s"
+        else:
+            return
+        raise EngineStartError(reason, returncode=returncode, log_tail=self._log_tail())
+
+    async def _spawn(self, command: list[str]) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
+        if self.spec.log_path is None:
+            self._process = await self._exec(command, env, asyncio.subprocess.DEVNULL)
+            return
+        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.spec.log_path.open("ab") as log:
+            self._log_offset = log.seek(0, os.SEEK_END)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"=== teamgpu {stamp}: {' '.join(command)}\n".encode())
+            log.flush()
+            self._process = await self._exec(command, env, log)
+
+    async def _exec(self, command: list[str], env: dict[str, str],
+                    output: int | IO[bytes]) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=output,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # own session and process group: pgid == pid
+            preexec_fn=_die_with_parent(),
+        )
+
+    async def _healthy(self, client: httpx.AsyncClient) -> bool:
+        try:
+            response = await client.get("/health")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def _log_tail(self) -> str:
+        if self.spec.log_path is None:
+            return "(no engine log: EngineSpec.log_path is unset)"
+        return "\n".join(_read_tail(self.spec.log_path, self._log_offset, LOG_TAIL_LINES))
+
+    async def _sleep_or_stop(self, delay_s: float) -> bool:
+        """Sleep ``delay_s`` seconds; True if :meth:`stop` was called meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
+        return self._stopping.is_set()
+
+    async def _wait_exit_or_stop(self) -> int | None:
+        """The engine's exit status, or None if :meth:`stop` came first."""
+        assert self._process is not None
+        exited = asyncio.ensure_future(self._process.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            stopping.cancel()
+        if self._stopping.is_set():
+            return None
+        return self._process.returncode
+
+    async def _terminate(self, timeout_s: float) -> None:
+        """SIGTERM the process group, wait up to ``timeout_s`` s, then SIGKILL it."""
+        process = self._process
+        if process is None:
+            return
+        pgid = process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.returncode is not None and not _group_alive(pgid):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            # SIGKILL is delivered asynchronously; return once the group is gone.
+            deadline = time.monotonic() + KILL_WAIT_S
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), timeout=KILL_WAIT_S)

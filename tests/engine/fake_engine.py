@@ -1,0 +1,98 @@
+"""A stand-in for vLLM's OpenAI server, for supervisor tests that must not need vLLM.
+
+The tests copy this file to ``<tmp>/vllm/entrypoints/openai/api_server.py`` and put
+``<tmp>`` on PYTHONPATH, so the supervisor's real command line
+(``python -m vllm.entrypoints.openai.api_server --host ... --port ...``) runs it.
+
+Like vLLM it spawns a child process (vLLM's engine core) and, on SIGTERM, stops that
+child and exits. It serves ``GET /health`` (200) and ``GET /crash`` (answers, then exits
+with status 3 at once, leaving its child behind, as a crash would).
+
+Environment:
+    FAKE_ENGINE_DIR: folder for records: ``starts`` (one line per launch: pid and
+        argv as JSON) and ``child-<pid>`` (the child's pid).
+    FAKE_ENGINE_DELAY_S: seconds of "loading" before the port is opened.
+    FAKE_ENGINE_FAIL: if set, print it and exit with status 2 before serving; a file
+        ``fail`` in FAKE_ENGINE_DIR does the same (to fail only later launches).
+    FAKE_ENGINE_STUBBORN_CHILD: if "1", the child ignores SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+STUBBORN_CHILD = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+CHILD = "import time; print('child up', flush=True); time.sleep(600)"
+
+
+def crash_soon() -> None:
+    """Exit with status 3 once the /crash reply is out, skipping all clean-up."""
+    time.sleep(0.05)
+    os._exit(3)
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._reply(200, b"")
+        elif self.path == "/crash":
+            self._reply(200, b"crashing")
+            threading.Thread(target=crash_soon).start()
+        else:
+            self._reply(404, b"not found")
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args, _ = parser.parse_known_args()
+    records = Path(os.environ["FAKE_ENGINE_DIR"])
+    with (records / "starts").open("a") as starts:
+        starts.write(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:]}) + "\n")
+
+    fail_file = records / "fail"
+    fail = os.environ.get("FAKE_ENGINE_FAIL") or (fail_file.exists() and fail_file.read_text())
+    if fail:
+        print(fail, flush=True)
+        sys.exit(2)
+
+    stubborn = os.environ.get("FAKE_ENGINE_STUBBORN_CHILD") == "1"
+    code = f"{STUBBORN_CHILD}; {CHILD}" if stubborn else CHILD
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    child.stdout.readline()  # its signal disposition is in place
+    (records / f"child-{os.getpid()}").write_text(str(child.pid))
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        child.terminate()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    delay_s = float(os.environ.get("FAKE_ENGINE_DELAY_S", "0"))
+    deadline = time.monotonic() + delay_s
+    while time.monotonic() < deadline:
+        print(f"loading weights, {deadline - time.monotonic():.1f} s to go", flush=True)
+        time.sleep(0.2)
+    print("fake engine ready", flush=True)
+    ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
