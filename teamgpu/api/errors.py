@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from teamgpu.api.request_id import new_request_id
 from teamgpu.errors import GatewayError, error_json
 
 log = logging.getLogger("teamgpu.errors")
@@ -48,11 +49,18 @@ async def gateway_error_handler(request: Request, exc: Exception) -> Response:
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
-    """A server bug: 500 ``internal_error`` (never a 4xx), logged with its traceback."""
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    """A server bug: 500 ``internal_error`` (never a 4xx), logged with its traceback.
+
+    Starlette calls this handler outside every middleware, so the request id middleware
+    cannot add ``X-Request-Id`` here; it is added from the request's state instead.
+    """
+    rid = (request.scope.get("state") or {}).get("request_id") or new_request_id()
+    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path,
+                  rid, exc_info=exc)
     return Response(
         error_json("internal gateway error; see the gateway log", "server_error", None,
                    "internal_error"),
         500,
+        headers={"X-Request-Id": rid},
         media_type="application/json",
     )

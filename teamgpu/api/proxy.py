@@ -25,13 +25,15 @@ from starlette.responses import Response
 from teamgpu.api.context import RequestCtx
 from teamgpu.api.errors import error_response
 from teamgpu.errors import (
-    BadRequest,
     BackendError,
+    BadRequest,
+    ContextLengthExceeded,
     GatewayError,
     InvalidJSON,
     ModelNotFound,
     PayloadTooLarge,
     ServiceUnavailable,
+    TooManyRequests,
     UnsupportedMediaType,
 )
 from teamgpu.upstream.relay import (
@@ -81,10 +83,9 @@ async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
         watcher.cancel()
         return task.result()
     task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # it failed as the client left: the client no longer cares
     raise ClientDisconnected()
 
 
@@ -181,6 +182,11 @@ async def handle(request: Request, endpoint: str) -> Response:
     except ClientDisconnected:
         await gw.record(ctx, status=499, outcome="client_disconnected")
         return Response(status_code=499)
+    except Exception as exc:
+        # a server bug: still one audit row; the app's handler renders the 500
+        await gw.record(ctx, status=500, outcome="gateway_error",
+                        error=f"{type(exc).__name__}: {exc}"[:1000])
+        raise
 
 
 async def _forward(
@@ -194,7 +200,15 @@ async def _forward(
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a string", param="model")
+    ctx.model = model[:256]  # the name asked for, in the audit row of a refused request
     served = gw.pool.resolve(model)
+    if served is None and gw.pool.models_unknown():
+        # not a 404: a backend that never answered may serve it once it is up
+        raise ServiceUnavailable(
+            f"no backend is up that could serve {model!r}; try again shortly",
+            retry_after_s=settings.backend_down_retry_after_s,
+            code="backend_unavailable",
+        )
     if served is None:
         names = gw.pool.names_for_clients()
         raise ModelNotFound(
@@ -257,7 +271,8 @@ async def _forward(
         try:
             if upstream.status != 200:
                 raw = await until_disconnect(request, upstream.read())
-                raise _backend_status_error(upstream.status, raw, backend.url)
+                raise _backend_status_error(upstream.status, raw, backend.url,
+                                            upstream.headers.get("retry-after"))
             if not stream:
                 raw = await until_disconnect(request, upstream.read())
                 upstream.release()
@@ -313,12 +328,15 @@ async def _forward(
     )
 
 
-def _backend_status_error(status: int, raw: bytes, backend_url: str) -> GatewayError:
+def _backend_status_error(status: int, raw: bytes, backend_url: str,
+                          retry_after: str | None = None) -> GatewayError:
     """A non-200 answer of the backend as the client's error.
 
-    4xx keep their status and the backend's message (a too-long prompt stays a 400,
-    fault F8; the backend is not marked down). 503 stays 503 with Retry-After; other 5xx
-    become 502.
+    4xx keep their status and the backend's message (a too-long prompt stays a 400 with
+    code ``context_length_exceeded``, fault F8; the backend is not marked down), except
+    401/403, which mean the gateway's own access to the backend is misconfigured: 502.
+    429 and 503 keep their status with an integer ``Retry-After`` (the backend's, when it
+    sent one; fault F7); other 5xx become 502.
     """
     message = raw.decode("utf-8", "replace")[:2000]
     err_type, param, code = None, None, None
@@ -327,23 +345,39 @@ def _backend_status_error(status: int, raw: bytes, backend_url: str) -> GatewayE
         err = obj.get("error", obj) if isinstance(obj, dict) else None
         if isinstance(err, dict):
             message = str(err.get("message") or err.get("detail") or message)
-            err_type, param = err.get("type"), err.get("param")
-            code = err.get("code")
+            err_type, param, code = err.get("type"), err.get("param"), err.get("code")
         elif isinstance(obj, dict) and "detail" in obj:
             message = str(obj["detail"])
     except orjson.JSONDecodeError:
         pass
+    wait_s = _retry_after_s(retry_after)
+    if status == 429:
+        return TooManyRequests(f"backend {backend_url} is overloaded: {message}",
+                               retry_after_s=wait_s or 1, code="backend_rate_limited")
+    if status == 503:
+        return ServiceUnavailable(f"backend {backend_url} is busy: {message}",
+                                  retry_after_s=wait_s or 2)
+    if status in (401, 403, 407):
+        return BackendError(f"backend {backend_url} refused the gateway ({status}): {message}")
     if 400 <= status < 500:
-        exc = GatewayError(message, param=param if isinstance(param, str) else None,
-                           status=status,
-                           code=str(code) if code is not None and not isinstance(code, int)
-                           else "invalid_request")
-        exc.type = err_type if isinstance(err_type, str) else "invalid_request_error"
+        exc: GatewayError
+        if status == 400 and "context length" in message.lower():
+            exc = ContextLengthExceeded(message)
+        else:
+            exc = GatewayError(message, param=param if isinstance(param, str) else None,
+                               status=status,
+                               code=code if isinstance(code, str) else "invalid_request")
+            exc.type = err_type if isinstance(err_type, str) else "invalid_request_error"
         exc.outcome = "backend_rejected"
         return exc
-    if status == 503:
-        return ServiceUnavailable(f"backend {backend_url} is busy: {message}", retry_after_s=2)
     return BackendError(f"backend {backend_url} answered {status}: {message}")
+
+
+def _retry_after_s(value: str | None) -> int | None:
+    """An integer ``Retry-After`` in seconds, or None (absent, or an HTTP date)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())
 
 
 def now_ms() -> float:

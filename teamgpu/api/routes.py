@@ -1,4 +1,5 @@
-"""Routes: the OpenAI endpoints, health, and admin statistics."""
+"""Routes: the OpenAI endpoints and health. ``/stats`` and ``/metrics`` live in
+:mod:`teamgpu.api.observability`, the dashboard in :mod:`teamgpu.dashboard.routes`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from starlette.responses import Response
 from teamgpu.api import proxy
 from teamgpu.api.errors import json_response
 from teamgpu.errors import ServiceUnavailable
-from teamgpu.store.audit import usage_totals
 
 if TYPE_CHECKING:
     from teamgpu.app import Gateway
@@ -70,24 +70,6 @@ async def readyz(request: Request) -> Response:
     return json_response({"status": "ready", "backends": backends})
 
 
-async def stats(request: Request) -> Response:
-    """``GET /stats`` (admin key): total requests, per-user requests and tokens.
-
-    401 without a key, 403 with a key that is not an admin key.
-    """
-    gw = _gw(request)
-    await gw.require_admin(request)
-    await gw.audit.flush()
-    totals = usage_totals(gw.store)
-    return json_response({
-        "requests_total": totals["requests"],
-        "users": totals["users"],
-        "backends": [{"url": b.url, "up": b.up, "in_flight": b.in_flight,
-                      "models": list(b.models)} for b in gw.pool.backends],
-        "started_at": gw.started_at.isoformat(),
-    })
-
-
 ROUTES = [
     ("/v1/chat/completions", chat_completions, ["POST"]),
     ("/v1/completions", completions, ["POST"]),
@@ -95,5 +77,4 @@ ROUTES = [
     ("/v1/models", models, ["GET"]),
     ("/healthz", healthz, ["GET"]),
     ("/readyz", readyz, ["GET"]),
-    ("/stats", stats, ["GET"]),
 ]

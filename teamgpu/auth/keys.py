@@ -8,6 +8,7 @@ kept as ``prefix`` so a person can tell keys apart in ``keys list``.
 
 from __future__ import annotations
 
+import builtins  # KeyStore.list shadows the built-in in the class's annotations
 import hashlib
 import secrets
 import sqlite3
@@ -217,7 +218,7 @@ class KeyStore:
             raise KeyError_(f"no key with id {key_id!r}")
         return _principal(row)
 
-    def list(self, *, include_inactive: bool = True) -> list[Principal]:
+    def list(self, *, include_inactive: bool = True) -> builtins.list[Principal]:
         """All keys, oldest first."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
@@ -227,7 +228,7 @@ class KeyStore:
             keys = [k for k in keys if k.status(now) == "active"]
         return keys
 
-    def resolve(self, id_or_user: str) -> list[Principal]:
+    def resolve(self, id_or_user: str) -> builtins.list[Principal]:
         """Active keys whose id or user is ``id_or_user``. Raises KeyError_ if none."""
         now = utcnow()
         with self.engine.connect() as conn:
@@ -241,7 +242,7 @@ class KeyStore:
             raise KeyError_(f"no active key with id or user {id_or_user!r}")
         return keys
 
-    def revoke(self, id_or_user: str) -> list[Principal]:
+    def revoke(self, id_or_user: str) -> builtins.list[Principal]:
         """Revoke every active key of that id or user, at once. Returns them."""
         keys = self.resolve(id_or_user)
         now = utcnow()
@@ -291,7 +292,7 @@ class KeyStore:
                 )
         return secret, new
 
-    def update(self, id_or_user: str, **changes: Any) -> list[Principal]:
+    def update(self, id_or_user: str, **changes: Any) -> builtins.list[Principal]:
         """Change priorities, weight or limits of every active key of that id or user.
 
         ``changes`` keys: ``max_priority``, ``default_priority``, ``weight``, ``rpm``,

@@ -9,6 +9,7 @@ drop a row. :meth:`AuditLog.close` flushes everything queued, so a clean stop lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -57,30 +58,53 @@ class AuditLog:
         self.engine = engine
         self._queue: asyncio.Queue[UsageRow | None] = asyncio.Queue(maxsize=queue_size)
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._full = asyncio.Event()  # a producer waits for room: write without delay
         self.rows_written = 0
         self.write_errors = 0
 
     def start(self) -> None:
+        self._closed = False
         self._task = asyncio.create_task(self._run(), name="teamgpu-audit-writer")
 
     async def record(self, row: UsageRow) -> None:
-        """Queue a row; waits only when the queue is full."""
+        """Queue a row; waits only when the queue is full. After :meth:`close` (a request
+        that ends during shutdown) the row is written at once."""
+        if self._closed:
+            await self._write([row])
+            return
         try:
             self._queue.put_nowait(row)
         except asyncio.QueueFull:
+            self._full.set()
             await self._queue.put(row)
 
     async def flush(self) -> None:
         """Wait until every row queued so far is written."""
+        if self._task is None:
+            await self._drain()
+            return
         await self._queue.join()
 
     async def close(self) -> None:
         """Write everything queued, then stop the writer."""
-        if self._task is None:
-            return
-        await self._queue.put(None)
-        await self._task
-        self._task = None
+        if self._task is not None:
+            await self._queue.put(None)
+            await self._task
+            self._task = None
+        self._closed = True
+        await self._drain()  # rows queued behind the stop marker, or with no writer
+
+    async def _drain(self) -> None:
+        """Write what is queued, from the caller's task (no writer task running)."""
+        items: list[UsageRow | None] = []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        batch = [r for r in items if r is not None]
+        for i in range(0, len(batch), BATCH_ROWS):
+            await self._write(batch[i:i + BATCH_ROWS])
+        for _ in items:
+            self._queue.task_done()
 
     async def _run(self) -> None:
         stop = False
@@ -92,8 +116,11 @@ class AuditLog:
                 stop = True
             else:
                 batch.append(first)
-                if self._queue.qsize() < BATCH_ROWS:
-                    await asyncio.sleep(BATCH_WAIT_S)
+                if self._queue.qsize() < BATCH_ROWS and not self._full.is_set():
+                    # gather more rows for one commit, unless producers wait for room
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._full.wait(), BATCH_WAIT_S)
+                self._full.clear()
             while len(batch) < BATCH_ROWS and not self._queue.empty():
                 item = self._queue.get_nowait()
                 n_items += 1

@@ -12,6 +12,9 @@ object in its body, which the gateway passes through like any unknown field:
               "status": 400,          # answer with this error status instead
               "error_first": false,   # stream: first event is an error (HTTP 200)
               "break_after": null,    # stream: drop the connection after N tokens
+              "break_mid_event": false,  # ... after writing half of the next event
+              "pause_after": null,    # stream: after N tokens, fall silent for pause_s
+              "pause_s": 1.0,
               "no_done": false}}      # stream: end without data: [DONE]
 
 ``FakeBackend.requests`` records every request received as ``{"path", "body",
@@ -26,7 +29,7 @@ import asyncio
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import orjson
 
@@ -184,16 +187,24 @@ class FakeBackend:
             base = {"id": rid, "object": obj, "created": 0, "model": self.model}
             if include_usage:
                 base["usage"] = None
+            pause_after = fake.get("pause_after")
             for i in range(n_tok):
-                if delay:
+                wait_s = delay
+                if pause_after is not None and i == int(pause_after):
+                    wait_s += float(fake.get("pause_s", 1.0))
+                if wait_s:
                     try:
-                        await asyncio.wait_for(disconnected.wait(), delay)
+                        await asyncio.wait_for(disconnected.wait(), wait_s)
                     except TimeoutError:
                         pass
                 if disconnected.is_set():
                     self.aborted += 1
                     return
                 if fake.get("break_after") is not None and i >= int(fake["break_after"]):
+                    if fake.get("break_mid_event"):  # half an event, then the break
+                        await send({"type": "http.response.body", "more_body": True,
+                                    "body": b'data: {"id": "cmpl-fake", "choi'})
+                        await asyncio.sleep(0.01)
                     raise ConnectionResetError("fake backend breaks the stream")
                 if chat:
                     delta: dict[str, Any] = {"content": text}
@@ -257,11 +268,13 @@ class ServerThread:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, lifespan="on", http="httptools", loop="asyncio")
+                                access_log=False, lifespan="on", http="httptools", loop="asyncio",
+                                # the app decides whether to trust X-Forwarded-For, not uvicorn
+                                proxy_headers=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -270,7 +283,7 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 

@@ -113,7 +113,7 @@ class BackendPool:
             data = body.get("data") or []
             b.models = {m["id"]: m for m in data if isinstance(m, dict) and "id" in m}
             b.mark(True)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             b.mark(False, f"{type(exc).__name__}: {exc}")
 
     def report_failure(self, b: Backend, error: str) -> None:
@@ -172,3 +172,8 @@ class BackendPool:
 
     def any_up(self) -> bool:
         return any(b.up for b in self.backends)
+
+    def models_unknown(self) -> bool:
+        """Whether some backend never told its models (down since the gateway started):
+        an unknown model name may then be one of its models."""
+        return any(not b.up and not b.models for b in self.backends)

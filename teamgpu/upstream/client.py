@@ -38,6 +38,16 @@ def convert_error(exc: BaseException, backend_url: str, retry_after_s: int) -> G
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """What ``content`` holds unread, even after a failure (aiohttp has no public way)."""
+    try:
+        if not getattr(content, "_buffer", None):
+            return b""
+        return content._read_nowait(-1)
+    except (AttributeError, TypeError, *UPSTREAM_ERRORS):
+        return b""
+
+
 class UpstreamResponse:
     """A backend response whose headers have arrived; the body is read on demand."""
 
@@ -56,11 +66,20 @@ class UpstreamResponse:
             raise convert_error(exc, self.backend_url, self._retry_after_s) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive, unchanged. Raises BackendError/BackendTimeout."""
+        """Body bytes as they arrive, unchanged. Raises BackendError/BackendTimeout.
+
+        When the connection fails, the bytes that arrived before the failure are yielded
+        first, then the error is raised (aiohttp's readers raise the failure at once and
+        would drop them: the last tokens of a stream that breaks, or all of a short one).
+        """
+        content = self._resp.content
         try:
-            async for chunk in self._resp.content.iter_any():
+            async for chunk in content.iter_any():
                 yield chunk
         except UPSTREAM_ERRORS as exc:
+            rest = _buffered(content)
+            if rest:
+                yield rest
             raise convert_error(exc, self.backend_url, self._retry_after_s) from exc
 
     def close(self) -> None:

@@ -31,23 +31,27 @@ def mid_stream_error_event(message: str, code: str = "backend_error") -> bytes:
 async def read_first_event(
     resp: UpstreamResponse, parser: SSEParser, account: StreamAccount
 ) -> tuple[list[bytes], Any]:
-    """Read until the first complete event (or the end of the stream).
+    """Read until the first complete data event (or the end of the stream).
 
-    Returns the raw chunks read (to forward), and the iterator to go on reading from.
-    The first event decides whether the stream started well: a stream whose first event
-    is an error is answered as a non-200 JSON error instead (fault F13).
+    Returns what to forward first (raw reads; or, when the usage chunk is to be left out,
+    the complete events' bytes) and the iterator to go on reading from. Comment-only
+    events before it (keep-alives) do not count. The first data event decides whether the
+    stream started well: a stream whose first event is an error is answered as a non-200
+    JSON error instead (fault F13).
     """
     it = resp.chunks()
-    chunks: list[bytes] = []
-    async for chunk in it:  # noqa: B007 - the iterator goes on in the relay
-        chunks.append(chunk)
+    out: list[bytes] = []
+    strip = account.strip_usage_chunk
+    async for chunk in it:  # the same iterator goes on in the relay
         evs = parser.feed(chunk)
-        if evs:
-            kept = [ev.raw for ev in evs if account.observe(ev)]
-            if account.strip_usage_chunk:
-                chunks = kept
-            return chunks, it
-    return chunks, it
+        kept = [ev.raw for ev in evs if account.observe(ev)]
+        if strip:
+            out += kept  # an incomplete event stays in the parser, which keeps its bytes
+        else:
+            out.append(chunk)
+        if any(ev.data is not None for ev in evs):
+            return out, it
+    return out, it
 
 
 class StreamRelay:
@@ -92,14 +96,21 @@ class StreamRelay:
         try:
             await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not pump.done():
-                self.outcome = "client_disconnected"
+                # A client that stops reading after [DONE] got the whole answer.
+                self.outcome = "ok" if self.account.done else "client_disconnected"
                 pump.cancel()
             watch.cancel()
             for t in (pump, watch):
                 try:
                     await t
-                except (asyncio.CancelledError, OSError):
+                except asyncio.CancelledError:
                     pass
+                except OSError:  # a server that raises on sending to a closed connection
+                    self.outcome = "client_disconnected"
+                except Exception as exc:  # a bug: recorded as such, then rendered by Starlette
+                    self.outcome = "gateway_error"
+                    self.error = f"relay failed: {type(exc).__name__}: {exc}"
+                    raise
         except asyncio.CancelledError:
             self.outcome = "client_disconnected"
             pump.cancel()
@@ -142,7 +153,7 @@ class StreamRelay:
             if not account.done and account.error is None:
                 self.outcome = "backend_error"
                 self.error = "backend closed the stream before [DONE]"
-                await send(self._body(mid_stream_error_event(self.error)))
+                await self._send_error(send, self.error, "backend_error")
             elif account.error is not None:
                 self.outcome = "backend_error"
                 self.error = account.error
@@ -150,8 +161,16 @@ class StreamRelay:
             self.outcome = getattr(exc, "outcome", "backend_error")
             self.error = f"failed mid-stream: {exc}"
             log.warning("%s", self.error)
-            await send(self._body(mid_stream_error_event(self.error)))
+            await self._send_error(send, self.error, getattr(exc, "code", None) or "backend_error")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_error(self, send: Any, message: str, code: str) -> None:
+        """End the stream with an SSE error event (fault F13). When raw reads were
+        forwarded and the backend stopped inside an event, that event is terminated first,
+        so the error event is not glued to its half."""
+        if self.parser.pending and not self.account.strip_usage_chunk:
+            await send(self._body(b"\n\n"))
+        await send(self._body(mid_stream_error_event(message, code)))
 
     @staticmethod
     def _body(b: bytes) -> dict[str, Any]:
@@ -159,19 +178,37 @@ class StreamRelay:
 
 
 def error_from_stream_start(body: bytes) -> tuple[int, bytes]:
-    """Status and OpenAI-shaped body for a stream whose first event is an error."""
+    """Status and OpenAI-shaped body for a stream whose first event is an error.
+
+    vLLM puts the HTTP status it means in ``error.code`` (an int): a 4xx keeps it, a 5xx
+    becomes 502 (the backend failed, not the gateway), anything else is 400. The body has
+    exactly OpenAI's four keys, ``code`` a string or null.
+    """
+    message: Any = None
+    err_type: Any = None
+    param: Any = None
+    code: Any = None
     try:
         obj = orjson.loads(body)
-        err = obj.get("error", obj)
-        code = err.get("code") if isinstance(err, dict) else None
-        status = int(code) if isinstance(code, int) and 400 <= code < 600 else 400
-        if isinstance(err, dict) and "message" in err:
-            return status, orjson.dumps({"error": {
-                "message": err.get("message"),
-                "type": err.get("type") or "invalid_request_error",
-                "param": err.get("param"),
-                "code": err.get("code"),
-            }})
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        err = obj.get("error", obj) if isinstance(obj, dict) else None
+        if isinstance(err, dict):
+            message, err_type = err.get("message"), err.get("type")
+            param, code = err.get("param"), err.get("code")
+        elif isinstance(err, str):
+            message = err
+    except orjson.JSONDecodeError:
         pass
-    return 400, error_json(body.decode("utf-8", "replace")[:2000], "invalid_request_error")
+    status = 400
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        status = code if code < 500 else 502
+    if not isinstance(message, str) or not message:
+        message = body.decode("utf-8", "replace")[:2000]
+    if status >= 500:
+        return status, error_json(f"backend failed: {message}", "server_error", None,
+                                  "backend_error")
+    return status, error_json(
+        message,
+        err_type if isinstance(err_type, str) and err_type else "invalid_request_error",
+        param if isinstance(param, str) else None,
+        code if isinstance(code, str) else "invalid_request",
+    )

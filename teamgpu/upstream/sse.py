@@ -56,8 +56,14 @@ class SSEParser:
         if not n:
             return out
         if self._skip_lf and n and chunk[0] == 0x0A:
-            buf.append(0x0A)  # the LF of a CRLF split across reads
-            self._line_start = len(buf)
+            # the LF of a CRLF split across reads
+            if buf:
+                buf.append(0x0A)
+                self._line_start = len(buf)
+            else:
+                # it ends the blank line of the event dispatched at the CR: it belongs to
+                # no following event (a relay that drops that event must not drop it)
+                out.append(SSEEvent(raw=b"\n", data=None))
             i = 1
         self._skip_lf = False
         while i < n:
@@ -66,8 +72,6 @@ class SSEParser:
             cr = chunk.find(b"\r", i)
             if lf < 0 and cr < 0:
                 buf += chunk[i:]
-                if len(buf) > MAX_EVENT_BYTES:
-                    raise SSEParseError(f"SSE event larger than {MAX_EVENT_BYTES} bytes")
                 break
             if cr >= 0 and (lf < 0 or cr < lf):
                 end = cr
@@ -88,6 +92,8 @@ class SSEParser:
             ev = self._line(line)
             if ev is not None:
                 out.append(ev)
+        if len(buf) > MAX_EVENT_BYTES:  # one line, or many lines without a blank one
+            raise SSEParseError(f"SSE event larger than {MAX_EVENT_BYTES} bytes")
         return out
 
     def _line(self, line: bytes) -> SSEEvent | None:

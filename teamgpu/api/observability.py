@@ -1,0 +1,266 @@
+"""Observability routes: ``GET /metrics`` and the ``/stats`` snapshot.
+
+``/metrics`` is the Prometheus exposition of :class:`~teamgpu.metrics.GatewayMetrics`; it
+needs no key unless ``settings.metrics_require_key`` (then an admin key: 401 without a
+key, 403 with a non-admin key).
+
+:func:`stats_snapshot` builds the JSON that ``/stats`` (admin key), the dashboard
+(``/dashboard/api/stats``) and ``teamgpu top`` show, so all three report the same
+numbers. Its shape is documented in docs/observability.md.
+
+What this module reads from the :class:`~teamgpu.app.Gateway` (``gw``):
+
+- ``gw.settings``, ``gw.store``, ``gw.started_at``, ``gw.require_admin`` (always there);
+- ``gw.pool`` (backends; absent before the app's lifespan opened it) and ``gw.audit``
+  (flushed first, so a request that was answered is counted);
+- ``gw.metrics``: a :class:`GatewayMetrics`; when the gateway has none yet, one built by
+  :func:`gateway_metrics` is attached to it on first use;
+- ``gw.admission``: the scheduler's ``Admission`` (or a mapping of them, one per
+  backend), or None/absent when the gateway does not queue: the queue is then empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from teamgpu.api.errors import json_response
+from teamgpu.metrics.gpu import NvmlSampler
+from teamgpu.metrics.prometheus import PRIORITIES, GatewayMetrics
+from teamgpu.metrics.ttft import nearest_rank
+from teamgpu.metrics.usage_report import start_of_day, usage_report
+from teamgpu.store.audit import usage_totals
+
+if TYPE_CHECKING:
+    from teamgpu.app import Gateway
+    from teamgpu.scheduler.stats import SchedulerStats
+
+__all__ = [
+    "ROUTES",
+    "gateway_metrics",
+    "metrics",
+    "metrics_of",
+    "starlette_routes",
+    "stats",
+    "stats_snapshot",
+]
+
+
+# ---------------------------------------------------------------------- wiring
+
+
+def gateway_metrics(gw: Gateway, *, gpu: Any | None = None) -> GatewayMetrics:
+    """A :class:`GatewayMetrics` whose gauges read ``gw`` at scrape time.
+
+    Args:
+        gw: The gateway; its ``pool`` and ``admission`` may appear later (they are
+            looked up at every scrape).
+        gpu: GPU source (default: a new :class:`NvmlSampler`, 1 s cache).
+    """
+    return GatewayMetrics(
+        queue_depth=lambda: queue_depth(gw),
+        inflight=lambda: {b.url: b.in_flight for b in _backends(gw)},
+        backend_up=lambda: {b.url: b.up for b in _backends(gw)},
+        gpu=gpu if gpu is not None else NvmlSampler(),
+    )
+
+
+def metrics_of(gw: Gateway) -> GatewayMetrics:
+    """``gw.metrics``, attaching one built by :func:`gateway_metrics` if it has none."""
+    m = getattr(gw, "metrics", None)
+    if m is None:
+        m = gateway_metrics(gw)
+        gw.metrics = m  # type: ignore[attr-defined]
+    return m  # type: ignore[no-any-return]
+
+
+def scheduler_stats(gw: Gateway) -> list[SchedulerStats]:
+    """The stats of every admission controller of ``gw`` (none when it does not queue)."""
+    adm = getattr(gw, "admission", None)
+    if adm is None:
+        return []
+    if isinstance(adm, Mapping):
+        return [a.stats() for a in adm.values() if a is not None]
+    return [adm.stats()]
+
+
+def queue_depth(gw: Gateway) -> dict[str, int]:
+    """Waiting requests per requested class: ``{"high": n, "normal": n, "low": n}``."""
+    out = dict.fromkeys(PRIORITIES, 0)
+    for st in scheduler_stats(gw):
+        for cls, n in st.queued.items():
+            out[_class_name(cls)] += n
+    return out
+
+
+def _class_name(cls: Any) -> str:
+    return str(getattr(cls, "name", cls)).lower()
+
+
+def _backends(gw: Gateway) -> list[Any]:
+    pool = getattr(gw, "pool", None)
+    return list(pool.backends) if pool is not None else []
+
+
+# ---------------------------------------------------------------------- snapshot
+
+
+async def stats_snapshot(gw: Gateway, *, now: datetime | None = None) -> dict[str, Any]:
+    """The JSON of ``/stats``: queue, in-flight, today's usage per user, TTFT, GPU,
+    backends.
+
+    Waits for the audit writer first, so every answered request is counted; the store
+    is read in a worker thread. Shape (times in seconds, memory in bytes)::
+
+        {"generated_at": iso, "started_at": iso, "uptime_s": float,
+         "requests_total": int, "users": {user: {requests, prompt_tokens,
+                                                 completion_tokens}},      # since ever
+         "queue": {"high": int, "normal": int, "low": int, "total": int,
+                   "oldest_wait_s": {"high": float, "normal": float, "low": float}},
+         "in_flight": {"total": int, "capacity": int | None, "by_backend": {url: int}},
+         "today": {"date": "YYYY-MM-DD", "requests", "prompt_tokens",
+                   "completion_tokens", "total_tokens", "errors"},
+         "users_today": {user: {requests, prompt_tokens, completion_tokens,
+                                total_tokens, errors}},   # most tokens first
+         "ttft": {"window_s": 300, "count": int, "p50_s": float | None,
+                  "p95_s": float | None,
+                  "per_minute": [{"t": epoch_s, "count", "p50_s", "p95_s"}] * 60},
+         "gpu": [{"index", "name", "uuid", "utilization_percent", "memory_used_bytes",
+                  "memory_total_bytes", "temperature_c", "power_w"}],   # [] without GPU
+         "backends": [{"url", "up", "in_flight", "models", "error"}],
+         "scheduler": {"admitted_total", "expired_total", "removed_total",
+                       "rejected_total", "engine_held", "queue_wait_p50_s",
+                       "queue_wait_p95_s"} | None}
+
+    Args:
+        gw: The gateway.
+        now: The current time (default: the clock), for "today".
+    """
+    now = now or datetime.now(UTC)
+    audit = getattr(gw, "audit", None)
+    if audit is not None:
+        await audit.flush()
+    midnight = start_of_day(now)
+    # in-memory state first, read in the event loop that changes it
+    m = metrics_of(gw)
+    wall = now.timestamp()
+    summary = m.ttft_summary(wall)
+    per_minute = m.ttft_per_minute(wall)
+    sched = scheduler_stats(gw)
+    backends = _backends(gw)
+    depth = queue_depth(gw)
+    gpus = m.gpu_samples()
+    totals, today_groups = await asyncio.to_thread(_read_store, gw, midnight)
+
+    users_today = {g.key: {k: v for k, v in g.to_dict("user").items()
+                           if k not in ("user", "p50_ttft_ms")} for g in today_groups}
+    today = {"date": midnight.date().isoformat(),
+             "requests": sum(g.requests for g in today_groups),
+             "prompt_tokens": sum(g.prompt_tokens for g in today_groups),
+             "completion_tokens": sum(g.completion_tokens for g in today_groups),
+             "total_tokens": sum(g.total_tokens for g in today_groups),
+             "errors": sum(g.errors for g in today_groups)}
+    oldest = dict.fromkeys(PRIORITIES, 0.0)
+    for st in sched:
+        for cls, w in st.oldest_wait_s.items():
+            oldest[_class_name(cls)] = max(oldest[_class_name(cls)], w)
+    return {
+        "generated_at": now.isoformat(),
+        "started_at": gw.started_at.isoformat(),
+        "uptime_s": round((now - gw.started_at).total_seconds(), 3),
+        "requests_total": totals["requests"],
+        "users": totals["users"],
+        "queue": {**depth, "total": sum(depth.values()), "oldest_wait_s": oldest},
+        "in_flight": {
+            "total": sum(b.in_flight for b in backends),
+            "capacity": sum(st.capacity for st in sched) if sched else None,
+            "by_backend": {b.url: b.in_flight for b in backends},
+        },
+        "today": today,
+        "users_today": users_today,
+        "ttft": {
+            "window_s": summary.window_s,
+            "count": summary.count,
+            "p50_s": summary.p50_s,
+            "p95_s": summary.p95_s,
+            "per_minute": [{"t": p.t, "count": p.count, "p50_s": p.p50_s, "p95_s": p.p95_s}
+                           for p in per_minute],
+        },
+        "gpu": [g.to_dict() for g in gpus],
+        "backends": [{"url": b.url, "up": b.up, "in_flight": b.in_flight,
+                      "models": list(b.models), "error": b.last_error} for b in backends],
+        "scheduler": _scheduler_json(sched),
+    }
+
+
+def _read_store(gw: Gateway, midnight: datetime) -> tuple[dict[str, Any], list[Any]]:
+    """All-time totals per user and today's usage per user (runs in a worker thread)."""
+    totals = usage_totals(gw.store)
+    today = usage_report(gw.store, by="user", since=midnight, with_ttft=False)
+    return totals, today
+
+
+def _scheduler_json(sched: list[SchedulerStats]) -> dict[str, Any] | None:
+    if not sched:
+        return None
+    waits = sorted(w for st in sched for ws in st.recent_waits_s.values() for w in ws)
+
+    return {
+        "admitted_total": sum(st.admitted_total for st in sched),
+        "expired_total": sum(st.expired_total for st in sched),
+        "removed_total": sum(st.removed_total for st in sched),
+        "rejected_total": sum(st.rejected_queue_full_total + st.rejected_user_queue_full_total
+                              for st in sched),
+        "engine_held": any(st.engine_held for st in sched),
+        "queue_wait_p50_s": nearest_rank(waits, 0.5),
+        "queue_wait_p95_s": nearest_rank(waits, 0.95),
+    }
+
+
+# ---------------------------------------------------------------------- routes
+
+
+def _gw(request: Request) -> Gateway:
+    return request.app.state.gw  # type: ignore[no-any-return]
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: the Prometheus exposition.
+
+    Open by default; with ``metrics_require_key`` it needs an admin key (401 without a
+    valid key, 403 with a non-admin key).
+    """
+    gw = _gw(request)
+    if gw.settings.metrics_require_key:
+        await gw.require_admin(request)
+    body, content_type = metrics_of(gw).render()
+    return Response(body, 200, headers={"content-type": content_type,
+                                        "cache-control": "no-store"})
+
+
+async def stats(request: Request) -> Response:
+    """``GET /stats`` (admin key): :func:`stats_snapshot` as JSON.
+
+    401 without a valid key, 403 with a key that is not an admin key.
+    """
+    gw = _gw(request)
+    await gw.require_admin(request)
+    return json_response(await stats_snapshot(gw), headers={"cache-control": "no-store"})
+
+
+ROUTES = [
+    ("/metrics", metrics, ["GET"]),
+]
+
+
+def starlette_routes(*, include_stats: bool = True) -> list[BaseRoute]:
+    """``ROUTES`` (and, with ``include_stats``, ``GET /stats`` served by :func:`stats`) as
+    Starlette routes, for ``Starlette(routes=...)``."""
+    table = [*ROUTES, *([("/stats", stats, ["GET"])] if include_stats else [])]
+    return [Route(path, fn, methods=methods) for path, fn, methods in table]

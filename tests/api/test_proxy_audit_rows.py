@@ -1,0 +1,96 @@
+"""One audit row per request, with its fields filled; text only when store_prompts is on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from teamgpu.testing.fake_backend import MODEL, ServerThread
+from teamgpu.testing.harness import Harness, start_gateway
+
+SECRET_PROMPT = "my secret plan is 42"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": SECRET_PROMPT}]}
+
+
+def request(c: httpx.Client, stream: bool, path: str = "/v1/chat/completions",
+            body: dict[str, Any] | None = None) -> httpx.Response:
+    body = {**(body or CHAT), "fake": {"tokens": 3, "text": "ans "}}
+    if stream:
+        body["stream"] = True
+        with c.stream("POST", path, json=body) as r:
+            r.read()
+        return r
+    return c.post(path, json=body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_row_fields_are_filled(gateway: Harness, client: httpx.Client,
+                               fake_server: ServerThread, stream: bool) -> None:
+    r = request(client, stream, body=CHAT)
+    assert r.status_code == 200
+    row = gateway.wait_row(r.headers["x-request-id"])
+    key = gateway.gw.keys.verify(gateway.user_key)
+    assert row["user"] == "alice" and row["key_id"] == key.key_id
+    assert row["endpoint"] == "chat/completions"
+    assert row["model"] == MODEL
+    assert row["priority"] == "normal"
+    assert (row["status"], row["outcome"], row["stream"]) == (200, "ok", int(stream))
+    assert row["prompt_tokens"] >= 1 and row["completion_tokens"] == 3
+    assert row["ttft_ms"] is not None and row["ttft_ms"] > 0
+    assert row["total_ms"] >= row["ttft_ms"]
+    assert row["backend"] == fake_server.url
+    assert row["client_addr"] == "127.0.0.1"
+    assert row["ts"]
+    assert row["error"] is None
+    assert row["prompt_text"] is None and row["completion_text"] is None
+
+
+def test_prompt_text_is_not_stored_by_default(gateway: Harness, client: httpx.Client) -> None:
+    for stream in (False, True):
+        request(client, stream)
+    gateway.flush()
+    raw = b"".join(f.read_bytes() for f in gateway.data_dir.glob("teamgpu.db*"))
+    assert SECRET_PROMPT.encode() not in raw
+
+
+def test_error_rows_carry_the_error(gateway: Harness, client: httpx.Client) -> None:
+    r = client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+    row = gateway.wait_row(r.headers["x-request-id"])
+    assert (row["status"], row["outcome"], row["user"]) == (404, "not_found", "alice")
+    assert "nope" in row["error"]
+
+
+def test_x_forwarded_for_is_ignored_by_default(gateway: Harness, client: httpx.Client) -> None:
+    r = client.post("/v1/chat/completions", json=CHAT, headers={"x-forwarded-for": "1.2.3.4"})
+    assert gateway.wait_row(r.headers["x-request-id"])["client_addr"] == "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def storing(fake_server: ServerThread, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Harness]:
+    with start_gateway(tmp_path_factory.mktemp("prompts"), [fake_server.url],
+                       store_prompts=True, trust_forwarded_for=True) as h:
+        yield h
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/completions", {"model": MODEL, "prompt": SECRET_PROMPT}),
+])
+def test_prompt_and_completion_stored_when_enabled(storing: Harness, stream: bool, path: str,
+                                                   body: dict[str, Any]) -> None:
+    r = request(storing.client(), stream, path, body)
+    assert r.status_code == 200
+    row = storing.wait_row(r.headers["x-request-id"])
+    assert SECRET_PROMPT in row["prompt_text"]
+    assert row["completion_text"] == "ans " * 3
+
+
+def test_x_forwarded_for_when_trusted(storing: Harness) -> None:
+    r = storing.client().post("/v1/chat/completions", json=CHAT,
+                              headers={"x-forwarded-for": "10.1.2.3, 127.0.0.1"})
+    assert storing.wait_row(r.headers["x-request-id"])["client_addr"] == "10.1.2.3"
