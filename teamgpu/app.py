@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
+import httpx
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -29,6 +31,14 @@ from teamgpu.api.errors import (
 from teamgpu.api.request_id import RequestIdMiddleware
 from teamgpu.auth.keys import KeyStore, Principal
 from teamgpu.errors import AuthenticationError, GatewayError, InvalidPriority
+from teamgpu.limits import KeyLimits, RateLimited, make_auth_failure_throttle, make_limiter
+from teamgpu.scheduler import (
+    Admission,
+    EngineLoad,
+    EngineLoadPoller,
+    FairQueueConfig,
+    PriorityClass,
+)
 from teamgpu.settings import Settings
 from teamgpu.store.audit import AuditLog, UsageRow
 from teamgpu.store.db import open_store
@@ -37,6 +47,26 @@ from teamgpu.upstream.client import UpstreamClient
 from teamgpu.upstream.usage import Usage
 
 log = logging.getLogger("teamgpu")
+
+DEFAULT_INFLIGHT = 16  # vLLM's --max-num-seqs as `teamgpu up` sets it on the CPU
+
+
+def fair_queue_config(s: Settings) -> FairQueueConfig:
+    """The scheduler's configuration from the settings."""
+    return FairQueueConfig(
+        input_token_weight=s.input_token_weight,
+        output_token_weight=s.output_token_weight,
+        aging_s=s.aging_s,
+        max_queued_per_user=s.max_queued_per_user,
+        max_queued_total=s.max_queued_total,
+        queue_timeout_s={PriorityClass.HIGH: s.queue_timeout_high_s,
+                         PriorityClass.NORMAL: s.queue_timeout_normal_s,
+                         PriorityClass.LOW: s.queue_timeout_low_s},
+        reserved_slots_high=s.reserved_slots_high,
+        reserved_slots_normal=s.reserved_slots_normal,
+        kv_cache_high_watermark=s.kv_cache_high_watermark,
+    )
+
 
 PRIORITY_ALIASES = {"interactive": "high", "batch": "low", "high": "high", "normal": "normal",
                     "low": "low"}
@@ -64,6 +94,21 @@ class Gateway:
         self.audit: AuditLog
         self.client: UpstreamClient
         self.pool: BackendPool
+        from teamgpu.api.observability import gateway_metrics
+
+        self.metrics = gateway_metrics(self)
+        self.fair_queue_config = fair_queue_config(settings)
+        self.inflight_per_backend = settings.max_inflight_per_backend or DEFAULT_INFLIGHT
+        # one admission controller per served model name, over the backends serving it
+        self.admission: dict[str, Admission] = {}
+        self._load_pollers: dict[str, EngineLoadPoller] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._no_tokenize: set[str] = set()
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        self.limiter = make_limiter(redis_url, on_redis_error=settings.redis_failure_mode)
+        self.auth_throttle = make_auth_failure_throttle(
+            redis_url, max_failures_per_minute=settings.auth_failures_per_minute,
+            on_redis_error=settings.redis_failure_mode)
 
     async def open(self) -> None:
         s = self.settings
@@ -73,19 +118,100 @@ class Gateway:
                                 aliases=s.model_aliases)
         self.audit = AuditLog(self.store, queue_size=s.audit_queue_size)
         self.audit.start()
+        self._scrape_client = httpx.AsyncClient(trust_env=False)
+        for b in self.pool.backends:
+            poller = EngineLoadPoller(self._scrape_client, f"{b.url}/metrics",
+                                      interval_ms=s.engine_metrics_interval_s * 1000)
+            self._load_pollers[b.url] = poller
+            self._tasks.append(asyncio.create_task(poller.run(), name=f"load:{b.url}"))
         await self.pool.start()
 
     async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         await self.pool.close()
         await self.audit.close()
         await self.client.close()
+        await self._scrape_client.aclose()
+        await self.limiter.close()
+        await self.auth_throttle.close()
+
+    # --- scheduling -------------------------------------------------------------------
+    def admission_for(self, served: str) -> Admission:
+        """The admission controller of a served model; its capacity is
+        ``inflight_per_backend`` times the number of up backends serving it (at least one).
+        """
+        n_up = max(1, sum(1 for b in self.pool.candidates(served) if b.up))
+        capacity = self.inflight_per_backend * n_up
+        adm = self.admission.get(served)
+        if adm is None:
+            adm = Admission(self.fair_queue_config, capacity=capacity,
+                            engine_load=lambda: self.engine_load(served))
+            self.admission[served] = adm
+        elif adm.capacity != capacity:
+            adm.capacity = capacity
+        return adm
+
+    def engine_load(self, served: str) -> EngineLoad | None:
+        """Combined load of the up backends serving ``served``: waiting requests summed,
+        KV cache usage the largest; None when no backend's load is known."""
+        loads = [p.latest() for b in self.pool.candidates(served) if b.up
+                 and (p := self._load_pollers.get(b.url)) is not None]
+        known = [x for x in loads if x is not None]
+        if not known:
+            return None
+        return EngineLoad(num_requests_waiting=sum(x.num_requests_waiting for x in known),
+                          kv_cache_usage_perc=max(x.kv_cache_usage_perc for x in known))
+
+    async def count_prompt_tokens(self, served: str, endpoint: str,
+                                  payload: dict[str, Any]) -> int | None:
+        """The exact prompt-token count from the backend's ``/tokenize`` (vLLM), or None
+        when the backend has none, fails, or the prompt is not a string / message list.
+
+        Used only for keys with a token limit, where the reservation should be exact.
+        """
+        b = self.pool.pick(served)
+        if b is None or b.url in self._no_tokenize:
+            return None
+        if endpoint == "completions" and isinstance(payload.get("prompt"), str):
+            body: dict[str, Any] = {"model": served, "prompt": payload["prompt"]}
+        elif endpoint == "chat/completions" and isinstance(payload.get("messages"), list):
+            body = {"model": served, "messages": payload["messages"],
+                    "add_generation_prompt": True}
+        else:
+            return None
+        try:
+            status, data = await self.client.post_json(f"{b.url}/tokenize", body, 2.0)
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+        if status == 404:
+            self._no_tokenize.add(b.url)
+            return None
+        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("count"), int):
+            return None
+        return int(data["count"])
+
+    def key_limits(self, p: Principal) -> KeyLimits:
+        """The key's limits, team defaults where the key has none (0 = unlimited)."""
+        s = self.settings
+        return KeyLimits(
+            rpm=s.default_rpm if p.rpm is None else p.rpm,
+            tpm=s.default_tpm if p.tpm is None else p.tpm,
+            max_concurrent=s.default_max_concurrent if p.max_concurrent is None
+            else p.max_concurrent,
+            daily_tokens=s.default_daily_tokens if p.daily_tokens is None else p.daily_tokens,
+        )
 
     # --- request helpers --------------------------------------------------------------
     def client_addr(self, request: Request) -> str | None:
         if self.settings.trust_forwarded_for:
             fwd = request.headers.get("x-forwarded-for")
             if fwd:
-                return fwd.split(",")[0].strip()[:64]
+                # the rightmost entry is the one our proxy added; the rest the client sent
+                return fwd.split(",")[-1].strip()[:64]
         return request.client.host if request.client else None
 
     async def authenticate(self, request: Request, ctx: RequestCtx | None = None) -> Principal:
@@ -94,6 +220,12 @@ class Gateway:
         Raises:
             AuthenticationError: 401, missing, unknown, expired or revoked key.
         """
+        addr = self.client_addr(request) or "unknown"
+        try:
+            await self.auth_throttle.check(addr)
+        except RateLimited:
+            self.metrics.rate_limited(user=None, limit="auth_failures")
+            raise
         secret = None
         auth = request.headers.get("authorization")
         if auth:
@@ -103,6 +235,7 @@ class Gateway:
         if secret is None:
             secret = request.headers.get("x-api-key") or None
         if secret is None:
+            await self.auth_throttle.record_failure(addr)
             raise AuthenticationError(
                 "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 code="missing_api_key",
@@ -112,6 +245,7 @@ class Gateway:
         else:
             p = await asyncio.to_thread(self.keys.verify, secret)
         if p is None:
+            await self.auth_throttle.record_failure(addr)
             raise AuthenticationError(self._why_invalid(secret))
         if ctx is not None:
             ctx.principal = p
@@ -177,6 +311,14 @@ class Gateway:
         ctx.recorded = True
         p = ctx.principal
         u = usage or Usage(0, 0)
+        self.metrics.request_done(
+            user=p.user if p else None, model=ctx.model, endpoint=ctx.endpoint,
+            priority=ctx.priority, status=status, prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            ttft_s=ctx.ttft_ms / 1000 if ctx.ttft_ms is not None else None,
+            duration_s=ctx.elapsed_ms() / 1000,
+            queue_wait_s=ctx.queue_ms / 1000 if ctx.queue_ms is not None else None,
+        )
         await self.audit.record(
             UsageRow(
                 request_id=ctx.request_id,
@@ -225,8 +367,15 @@ def create_app(
         finally:
             await gw.close()
 
+    from teamgpu.api import observability
+    from teamgpu.dashboard import routes as dashboard_routes
+
     app = Starlette(
-        routes=[Route(path, fn, methods=methods) for path, fn, methods in routes.ROUTES],
+        routes=[
+            *(Route(path, fn, methods=methods) for path, fn, methods in routes.ROUTES),
+            *observability.starlette_routes(),
+            *dashboard_routes.starlette_routes(),
+        ],
         exception_handlers={
             HTTPException: http_exception_handler,
             GatewayError: gateway_error_handler,

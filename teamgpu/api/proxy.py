@@ -36,6 +36,8 @@ from teamgpu.errors import (
     TooManyRequests,
     UnsupportedMediaType,
 )
+from teamgpu.limits import Reservation
+from teamgpu.scheduler import Lease, PriorityClass, QueuedRequest
 from teamgpu.upstream.relay import (
     STREAM_HEADERS,
     StreamRelay,
@@ -233,9 +235,76 @@ async def _forward(
             so["include_usage"] = True
             payload["stream_options"] = so
             strip_usage = True
-    if ctx.endpoint in GENERATIVE and gw.send_priority_field:
-        payload["priority"] = gw.priority_value(ctx.priority)
+    principal = ctx.principal
+    assert principal is not None
+    max_tokens = requested_max_tokens(payload, settings.default_max_tokens) \
+        if ctx.endpoint in GENERATIVE else 0
+    limits = gw.key_limits(principal)
+    exact_prompt: int | None = None
+    if limits.tpm or limits.daily_tokens:
+        exact_prompt = await gw.count_prompt_tokens(served, ctx.endpoint, payload)
+        if exact_prompt is not None:
+            ctx.est_prompt_tokens = exact_prompt
+    try:
+        reservation, limit_status = await gw.limiter.reserve(
+            principal.key_id, limits, ctx.est_prompt_tokens + max_tokens)
+    except TooManyRequests as exc:
+        gw.metrics.rate_limited(user=principal.user, limit=getattr(exc, "limit", "unknown"))
+        raise
+    extra_headers.update(limit_status.headers())
+    final = Usage(0, 0)
+    lease: Lease | None = None
+    handed_off = False
+    try:
+        adm = gw.admission_for(served)
+        qreq = QueuedRequest(
+            request_id=ctx.request_id, user=principal.user,
+            priority=PriorityClass.parse(ctx.priority), weight=principal.weight,
+            # VTC charges the prompt at dispatch and never refunds: a typical estimate
+            # (4 bytes per token), corrected upwards by the real count at the end
+            est_prompt_tokens=exact_prompt if exact_prompt is not None
+            else max(1, ctx.est_prompt_tokens // 2),
+            est_output_tokens=max_tokens,
+        )
+        lease = await until_disconnect(request, adm.acquire(qreq))
+        ctx.queue_ms = lease.wait_s * 1000.0
+        if ctx.endpoint in GENERATIVE and gw.send_priority_field:
+            payload["priority"] = gw.priority_value(lease.priority.name.lower())
+        result = await _send(gw, request, ctx, payload, served, strip_usage, extra_headers,
+                             lease, reservation)
+        if isinstance(result, tuple):
+            response, final = result
+            return response
+        handed_off = True  # the stream relay settles the lease and the reservation
+        return result
+    finally:
+        if not handed_off:
+            if lease is not None:
+                lease.charge(prompt_tokens=final.prompt_tokens,
+                             completion_tokens=final.completion_tokens)
+                lease.release()
+            await gw.limiter.settle(reservation, final.total)
 
+
+async def _send(
+    gw: Gateway,
+    request: Request,
+    ctx: RequestCtx,
+    payload: dict[str, Any],
+    served: str,
+    strip_usage: bool,
+    extra_headers: dict[str, str],
+    lease: Lease,
+    reservation: Reservation,
+) -> tuple[Response, Usage] | StreamRelay:
+    """Send the admitted request to a backend.
+
+    Returns:
+        ``(response, usage)`` for a complete answer (or an error answered by the backend),
+        or the :class:`StreamRelay` that streams the rest and settles at its end.
+    """
+    settings = gw.settings
+    stream = ctx.stream
     backend = gw.pool.pick(served)
     if backend is None:
         raise ServiceUnavailable(
@@ -283,7 +352,7 @@ async def _forward(
                     completion_text=text_from_body(raw) if settings.store_prompts else None,
                 )
                 ctype = upstream.headers.get("content-type", "application/json")
-                return Response(raw, 200, headers=extra_headers, media_type=ctype)
+                return Response(raw, 200, headers=extra_headers, media_type=ctype), usage
         except BaseException:
             upstream.close()
             raise
@@ -299,7 +368,8 @@ async def _forward(
             status, err_body = error_from_stream_start(account.first_error_body)
             await gw.record(ctx, status=status, outcome="backend_rejected",
                             error=err_body.decode("utf-8", "replace")[:1000])
-            return Response(err_body, status, headers=extra_headers, media_type="application/json")
+            return Response(err_body, status, headers=extra_headers,
+                            media_type="application/json"), Usage(0, 0)
         if not first:
             upstream.close()
             raise BackendError(f"backend {backend.url} sent an empty stream")
@@ -308,23 +378,42 @@ async def _forward(
         if not handed_off:
             release()
 
+    gap = gw.metrics.token_gap_observer(model=ctx.model, priority=ctx.priority)
+    charged = 0
+
+    def on_chunk(acc: StreamAccount) -> None:
+        # VTC charges output tokens as they are produced (Sheng et al., OSDI 2024)
+        nonlocal charged
+        gap(acc.content_chunks)
+        if acc.content_chunks > charged:
+            lease.charge(completion_tokens=acc.content_chunks - charged)
+            charged = acc.content_chunks
+
+    on_chunk(account)  # the first event may already carry a token
+
     async def on_end(outcome: str, error: str | None) -> None:
         release()
         if account.first_token_at is not None:
             ctx.ttft_ms = (account.first_token_at - ctx.started) * 1000.0
         usage = account.final_usage(ctx.est_prompt_tokens)
+        lease.charge(prompt_tokens=usage.prompt_tokens,
+                     completion_tokens=max(0, usage.completion_tokens - charged))
+        lease.release()
         status = 200 if outcome in ("ok", "backend_error", "backend_timeout") else 499
-        await gw.record(
-            ctx, status=status, outcome=outcome, usage=usage, error=error,
-            completion_text="".join(account.text) if settings.store_prompts else None,
-        )
+        try:
+            await gw.record(
+                ctx, status=status, outcome=outcome, usage=usage, error=error,
+                completion_text="".join(account.text) if settings.store_prompts else None,
+            )
+        finally:
+            await gw.limiter.settle(reservation, usage.total)
 
     hdrs = list(STREAM_HEADERS) + [
         (k.lower().encode(), v.encode()) for k, v in extra_headers.items()
     ]
-    return StreamRelay(  # type: ignore[return-value]
+    return StreamRelay(
         upstream, first, rest, parser, account,
-        headers=hdrs, on_chunk=None, on_end=on_end, backend_url=backend.url,
+        headers=hdrs, on_chunk=on_chunk, on_end=on_end, backend_url=backend.url,
     )
 
 

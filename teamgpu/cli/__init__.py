@@ -5,9 +5,14 @@ from __future__ import annotations
 import click
 
 from teamgpu import __version__
+from teamgpu.cli.bench import bench
 from teamgpu.cli.config import config_group
+from teamgpu.cli.connect import connect
+from teamgpu.cli.doctor import doctor
 from teamgpu.cli.keys import keys_group
 from teamgpu.cli.server import serve, up
+from teamgpu.cli.top import top
+from teamgpu.cli.usage import usage
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,3 +25,8 @@ main.add_command(up)
 main.add_command(serve)
 main.add_command(keys_group)
 main.add_command(config_group)
+main.add_command(usage)
+main.add_command(top)
+main.add_command(doctor)
+main.add_command(connect)
+main.add_command(bench)

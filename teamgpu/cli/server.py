@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ def _server_options(fn: Any) -> Any:
     fn = click.option("--port", type=int, default=None, help="Gateway port (default 8080).")(fn)
     fn = click.option("--max-inflight", "max_inflight", type=click.IntRange(min=1), default=None,
                       help="Requests in the engine at once per backend.")(fn)
+    fn = click.option("--redis-url", default=None,
+                      help="Keep limit state in Redis, shared by gateway replicas.")(fn)
     return fn
 
 
@@ -64,6 +69,7 @@ def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         access_log=False, http="httptools", loop="uvloop", lifespan="on",
+        proxy_headers=False,  # the client address comes from trust_forwarded_for only
         timeout_graceful_shutdown=10, workers=1,
     )
 
@@ -80,10 +86,10 @@ def _logging(settings: Settings) -> None:
 @_server_options
 @settings_options
 def serve(_settings_overrides: dict[str, Any], backends: tuple[str, ...], host: str | None,
-          port: int | None, max_inflight: int | None) -> None:
+          port: int | None, max_inflight: int | None, redis_url: str | None) -> None:
     """Run only the gateway, in front of backends that already run."""
     s = load_settings(**_settings_overrides, backends=list(backends) or None, host=host, port=port,
-                      max_inflight_per_backend=max_inflight)
+                      max_inflight_per_backend=max_inflight, redis_url=redis_url)
     if not s.backends:
         raise click.UsageError("give at least one --backend URL (or set backends in teamgpu.toml)")
     _logging(s)
@@ -105,6 +111,31 @@ def find_engine_python(settings: Settings) -> Path | None:
     return None
 
 
+def has_cuda_gpu() -> bool:
+    """Whether ``nvidia-smi -L`` lists a GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], check=False, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+VLLM_DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default on a GPU when --max-num-seqs is not given
+
+
+def engine_max_num_seqs(argv: list[str]) -> int:
+    """The ``--max-num-seqs`` of an engine command line (vLLM's default if absent)."""
+    for i, arg in enumerate(argv):
+        if arg == "--max-num-seqs" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--max-num-seqs="):
+            return int(arg.split("=", 1)[1])
+    return VLLM_DEFAULT_MAX_NUM_SEQS
+
+
 def demo_model_dir() -> Path:
     return default_cache_dir() / "models" / DEMO_MODEL_NAME
 
@@ -122,7 +153,8 @@ def demo_model_dir() -> Path:
 @settings_options
 def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name: str | None,
        engine_args: tuple[str, ...], engine_python: Path | None, engine_port: int | None,
-       host: str | None, port: int | None, max_inflight: int | None) -> None:
+       host: str | None, port: int | None, max_inflight: int | None,
+       redis_url: str | None) -> None:
     """Start vLLM (supervised, on 127.0.0.1) and the gateway in front of it.
 
     Ctrl-C or SIGTERM stops both. If the engine dies, clients get 503 with Retry-After
@@ -131,7 +163,7 @@ def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name
     s = load_settings(**_settings_overrides, model=model, served_model_name=served_model_name,
                       engine_args=list(engine_args) or None, engine_python=engine_python,
                       engine_port=engine_port, host=host, port=port,
-                      max_inflight_per_backend=max_inflight)
+                      max_inflight_per_backend=max_inflight, redis_url=redis_url)
     _logging(s)
     py = find_engine_python(s)
     if py is None:
@@ -157,14 +189,19 @@ def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name
 
 async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
     from teamgpu.engine.errors import EngineStartError
-    from teamgpu.engine.supervisor import EngineSpec, EngineSupervisor, free_port
+    from teamgpu.engine.supervisor import EngineSpec, EngineSupervisor, build_command, free_port
 
     s.data_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if has_cuda_gpu() else "cpu"
     spec = EngineSpec(
         python=py, model=model_path, served_model_name=served,
         port=s.engine_port or free_port(), args=tuple(s.engine_args),
-        env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log_path=s.data_dir / "engine.log",
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"} if device == "cpu" else {},
+        log_path=s.data_dir / "engine.log", device=device,
     )
+    if s.max_inflight_per_backend is None:
+        # admission follows the engine's own batch size
+        s.max_inflight_per_backend = engine_max_num_seqs(build_command(spec))
     gw = Gateway(s)
     _first_run_key(s, gw.keys)
     loop = asyncio.get_running_loop()
@@ -212,10 +249,8 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
         # our handler then only records them.
         await server.serve()
         engine_task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await engine_task
-        except (asyncio.CancelledError, Exception):
-            pass
         return 0
     except asyncio.CancelledError:
         return 130

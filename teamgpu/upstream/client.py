@@ -134,5 +134,19 @@ class UpstreamClient:
         async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
             return r.status, await r.text(errors="replace")
 
+    async def post_json(self, url: str, obj: Any, timeout_s: float) -> tuple[int, Any]:
+        """POST ``obj`` as JSON; returns ``(status, parsed JSON or None)``.
+
+        Raises:
+            aiohttp.ClientError, TimeoutError, OSError: the caller treats any failure as
+            "no answer".
+        """
+        async with self._session.post(url, json=obj,
+                                      timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+            if r.content_type == "application/json":
+                return r.status, await r.json(content_type=None)
+            await r.read()
+            return r.status, None
+
     async def close(self) -> None:
         await self._session.close()

@@ -1,0 +1,112 @@
+"""``teamgpu up`` as a user runs it: vLLM supervised behind the gateway, first-run key,
+503 with Retry-After while the engine is down, restart, clean stop with no orphan."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from teamgpu.testing.fake_backend import free_port
+from teamgpu.testing.harness import wait_until
+
+from .conftest import SERVED_MODEL_NAME, VllmEngine
+
+TEAMGPU = str(Path(sys.executable).parent / "teamgpu")
+
+
+def _pids_with(text: str) -> list[int]:
+    """Processes whose command line contains ``text``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmd and int(d.name) != os.getpid():
+                pids.append(int(d.name))
+    return pids
+
+
+def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path: Path) -> None:
+    port, engine_port = free_port(), free_port()
+    env = {**os.environ, "TEAMGPU_ENGINE_PYTHON": os.environ.get("TEAMGPU_ENGINE_PYTHON", ""),
+           "TEAMGPU_HEALTH_INTERVAL_S": "0.5", "TERM": "dumb", "COLUMNS": "200"}
+    if not env["TEAMGPU_ENGINE_PYTHON"]:
+        env.pop("TEAMGPU_ENGINE_PYTHON")
+    proc = subprocess.Popen(
+        [TEAMGPU, "up", "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port),
+         "--engine-port", str(engine_port), "--model", str(vllm_engine.model_dir),
+         "--served-model-name", SERVED_MODEL_NAME,
+         "--engine-arg=--enforce-eager", "--engine-arg=--max-num-seqs=8"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+    )
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: "teamgpu gateway on" in "".join(out) or proc.poll() is not None,
+                   300, "the gateway to start")
+        text = "".join(out)
+        assert proc.poll() is None, text
+        keys = re.findall(r"tg-[A-Za-z0-9_-]{43}", text)
+        assert len(set(keys)) == 1, text  # the first-run admin key, printed once
+        key = keys[0]
+        assert "curl" in text and "OPENAI_BASE_URL" in text
+        auth = {"Authorization": f"Bearer {key}"}
+        chat = {"model": SERVED_MODEL_NAME, "max_tokens": 16, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        with httpx.Client(base_url=base, headers=auth, timeout=60) as c:
+            def ready() -> bool:
+                try:
+                    return c.get("/readyz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(ready, 30, "readiness")
+            r = c.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 200, r.text
+            assert "Paris" in r.json()["choices"][0]["message"]["content"]
+
+            # The engine binds to loopback only.
+            engine_pids = _pids_with(f"--port {engine_port}")
+            assert engine_pids, "engine process not found"
+            listen = Path("/proc/net/tcp").read_text()
+            assert f"0100007F:{engine_port:04X}" in listen  # 127.0.0.1:engine_port
+
+            # The engine dies: clients get 503 with Retry-After, then it comes back.
+            for pid in engine_pids:
+                try:
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            r = wait_until(lambda: (x := c.post("/v1/chat/completions", json=chat)).status_code
+                           == 503 and x, 30, "a 503 while the engine is down")
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "backend_unavailable"
+            wait_until(lambda: c.post("/v1/chat/completions", json=chat).status_code == 200,
+                       240, "the engine to be restarted")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("teamgpu up did not stop within 60 s of SIGTERM:\n" + "".join(out))
+        finally:
+            reader.join(10)
+            proc.stdout.close()  # type: ignore[union-attr]
+    assert code == 0, "".join(out)
+    wait_until(lambda: not _pids_with(f"--port {engine_port}"), 10, "no orphaned engine process")
