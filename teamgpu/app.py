@@ -105,10 +105,11 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._no_tokenize: set[str] = set()
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
-        self.limiter = make_limiter(redis_url, on_redis_error=settings.redis_failure_mode)
+        self.limiter = make_limiter(redis_url, on_redis_error=settings.redis_failure_mode,
+                                    key_prefix=settings.redis_key_prefix)
         self.auth_throttle = make_auth_failure_throttle(
             redis_url, max_failures_per_minute=settings.auth_failures_per_minute,
-            on_redis_error=settings.redis_failure_mode)
+            on_redis_error=settings.redis_failure_mode, key_prefix=settings.redis_key_prefix)
 
     async def open(self) -> None:
         s = self.settings

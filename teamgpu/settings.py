@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     default_tpm: int = Field(default=0, ge=0, description="Tokens per minute per key.")
     default_max_concurrent: int = Field(default=0, ge=0, description="Concurrent requests per key.")
     default_daily_tokens: int = Field(default=0, ge=0, description="Tokens per UTC day per key.")
+    redis_key_prefix: str = Field(
+        default="teamgpu:lim", min_length=1,
+        description="Prefix of every Redis key of the limits (replicas sharing limits use one).",
+    )
     redis_failure_mode: Literal["open", "closed"] = Field(
         default="open", description="On a Redis outage: admit (open) or answer 503 (closed)."
     )

@@ -2,7 +2,9 @@
 
 Plain ASGI, no framework. It answers ``/health``, ``/v1/models``, ``/v1/chat/completions``,
 ``/v1/completions`` (streaming or not, with ``stream_options.include_usage`` handled as
-vLLM does), ``/v1/embeddings`` and ``/metrics``. A request may steer it with a ``fake``
+vLLM does), ``/v1/embeddings``, ``/metrics`` and ``/tokenize`` (its ``count`` equals the
+``prompt_tokens`` the answer will report; ``FakeBackend(tokenize=False)`` answers 404, as
+an engine without it). A request may steer it with a ``fake``
 object in its body, which the gateway passes through like any unknown field:
 
     {"fake": {"tokens": 5,            # completion tokens to produce (default 4)
@@ -37,10 +39,13 @@ MODEL = "fake-model"
 
 
 class FakeBackend:
-    def __init__(self, model: str = MODEL, max_model_len: int = 2048, record: bool = True) -> None:
+    def __init__(self, model: str = MODEL, max_model_len: int = 2048, record: bool = True,
+                 tokenize: bool = True) -> None:
         self.model = model
         self.max_model_len = max_model_len
         self.record = record
+        self.tokenize = tokenize
+        self.tokenize_calls = 0
         self.requests: list[dict[str, Any]] = []
         self.active = 0
         self.aborted = 0
@@ -84,6 +89,13 @@ class FakeBackend:
         except orjson.JSONDecodeError:
             await _json(send, _err("bad json", 400), 400)
             return
+        if path == "/tokenize" and self.tokenize:
+            # vLLM's /tokenize: the same prompt count the completion's usage will report
+            self.tokenize_calls += 1
+            n = prompt_token_count(req)
+            await _json(send, {"count": n, "max_model_len": self.max_model_len,
+                               "tokens": list(range(n)), "token_strs": None})
+            return
         if self.record:
             rid_header = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
             self.requests.append({"path": path, "body": req, "request_id": rid_header or None})
@@ -106,7 +118,7 @@ class FakeBackend:
         if req.get("top_p") == 0:
             await _json(send, _err("top_p must be in (0, 1]", 400), 400)
             return
-        prompt_tokens = max(1, len(orjson.dumps(req.get("messages") or req.get("prompt"))) // 4)
+        prompt_tokens = prompt_token_count(req)
         max_tokens = req.get("max_tokens") or 16
         if prompt_tokens + max_tokens > self.max_model_len:
             await _json(send, _err(
@@ -225,6 +237,12 @@ class FakeBackend:
         finally:
             self.active -= 1
             watcher.cancel()
+
+
+def prompt_token_count(req: dict[str, Any]) -> int:
+    """The fake's prompt tokens: one per 4 bytes of the JSON of ``messages`` (or
+    ``prompt``), at least 1; ``/tokenize`` and the usage of answers agree on it."""
+    return max(1, len(orjson.dumps(req.get("messages") or req.get("prompt"))) // 4)
 
 
 async def _disconnected_within(receive: Any, timeout_s: float) -> bool:

@@ -92,5 +92,7 @@ def test_prompt_and_completion_stored_when_enabled(storing: Harness, stream: boo
 
 def test_x_forwarded_for_when_trusted(storing: Harness) -> None:
     r = storing.client().post("/v1/chat/completions", json=CHAT,
-                              headers={"x-forwarded-for": "10.1.2.3, 127.0.0.1"})
+                              headers={"x-forwarded-for": "6.6.6.6, 10.1.2.3"})
+    # one trusted proxy appends the address it saw: the rightmost entry; the leftmost is
+    # whatever the client claimed and is ignored
     assert storing.wait_row(r.headers["x-request-id"])["client_addr"] == "10.1.2.3"
