@@ -31,7 +31,13 @@ from teamgpu.api.errors import (
 from teamgpu.api.request_id import RequestIdMiddleware
 from teamgpu.auth.keys import KeyStore, Principal
 from teamgpu.errors import AuthenticationError, GatewayError, InvalidPriority
-from teamgpu.limits import KeyLimits, RateLimited, make_auth_failure_throttle, make_limiter
+from teamgpu.limits import (
+    KeyLimits,
+    LimiterUnavailable,
+    RateLimited,
+    make_auth_failure_throttle,
+    make_limiter,
+)
 from teamgpu.scheduler import (
     Admission,
     EngineLoad,
@@ -205,6 +211,19 @@ class Gateway:
             else p.max_concurrent,
             daily_tokens=s.default_daily_tokens if p.daily_tokens is None else p.daily_tokens,
         )
+
+    async def limit_headers(self, p: Principal) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers of the key's standing, for answers refused
+        before admission; ``{}`` without RPM and TPM or when the limit state cannot be read
+        (Redis down and failing closed)."""
+        limits = self.key_limits(p)
+        if not (limits.rpm or limits.tpm):
+            return {}
+        try:
+            st = await self.limiter.status(p.key_id, limits)
+        except LimiterUnavailable:
+            return {}
+        return st.headers()
 
     # --- request helpers --------------------------------------------------------------
     def client_addr(self, request: Request) -> str | None:

@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(
         default=False, description="Require an admin key for /metrics."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level of the gateway process.")
 
     # --- engine (teamgpu up) -----------------------------------------------------------
     model: str | None = Field(
@@ -122,7 +123,8 @@ class Settings(BaseSettings):
     engine_args: list[str] = Field(
         default_factory=list, description="Further flags passed to vLLM as they are."
     )
-    engine_start_timeout_s: float = Field(default=900.0, gt=0)
+    engine_start_timeout_s: float = Field(
+        default=900.0, gt=0, description="Longest wait for vLLM to answer /health at start.")
 
     # --- scheduler ---------------------------------------------------------------------
     max_inflight_per_backend: int | None = Field(
@@ -143,13 +145,21 @@ class Settings(BaseSettings):
     output_token_weight: float = Field(
         default=2.0, ge=0, description="VTC weight of a completion token."
     )
-    max_queued_per_user: int = Field(default=256, ge=1)
-    max_queued_total: int = Field(default=4096, ge=1)
-    queue_timeout_high_s: float = Field(default=60.0, gt=0)
-    queue_timeout_normal_s: float = Field(default=300.0, gt=0)
-    queue_timeout_low_s: float = Field(default=3600.0, gt=0)
-    kv_cache_high_watermark: float = Field(default=0.95, gt=0, le=1)
-    engine_metrics_interval_s: float = Field(default=0.25, gt=0)
+    max_queued_per_user: int = Field(
+        default=256, ge=1, description="Requests one user may have waiting (past it: 429).")
+    max_queued_total: int = Field(
+        default=4096, ge=1, description="Requests waiting in all (past it: 503).")
+    queue_timeout_high_s: float = Field(
+        default=60.0, gt=0, description="Longest wait in the queue for high (then 503).")
+    queue_timeout_normal_s: float = Field(
+        default=300.0, gt=0, description="Longest wait in the queue for normal (then 503).")
+    queue_timeout_low_s: float = Field(
+        default=3600.0, gt=0, description="Longest wait in the queue for low (then 503).")
+    kv_cache_high_watermark: float = Field(
+        default=0.95, gt=0, le=1,
+        description="Hold normal and low back while vLLM's KV cache usage is at least this.")
+    engine_metrics_interval_s: float = Field(
+        default=0.25, gt=0, description="How often vLLM's /metrics is read for its load.")
 
     # --- default limits per key (0 = unlimited) ------------------------------------------
     default_rpm: int = Field(default=0, ge=0, description="Requests per minute per key.")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -180,6 +180,11 @@ async def handle(request: Request, endpoint: str) -> Response:
         return await _forward(gw, request, ctx, payload, extra_headers)
     except GatewayError as exc:
         await gw.record(ctx, status=exc.status, outcome=exc.outcome, error=exc.message)
+        if ctx.principal is not None and not any(
+                k.lower().startswith("x-ratelimit-") for k in (*exc.headers, *extra_headers)):
+            # refused before admission (bad body, unknown model, too large): still the
+            # key's standing, as on every answer to a known key
+            extra_headers.update(await gw.limit_headers(ctx.principal))
         return error_response(exc, extra_headers)
     except ClientDisconnected:
         await gw.record(ctx, status=499, outcome="client_disconnected")
@@ -253,6 +258,7 @@ async def _forward(
         raise
     extra_headers.update(limit_status.headers())
     final = Usage(0, 0)
+    abandoned_tokens = 0  # charged when the client leaves after the engine got the prompt
     lease: Lease | None = None
     handed_off = False
     try:
@@ -277,13 +283,19 @@ async def _forward(
             return response
         handed_off = True  # the stream relay settles the lease and the reservation
         return result
+    except ClientDisconnected:
+        if ctx.backend is not None:
+            # the engine had the prompt (and aborts on the disconnect): the tokens it
+            # produced are unknown, the prompt was processed
+            abandoned_tokens = ctx.est_prompt_tokens
+        raise
     finally:
         if not handed_off:
             if lease is not None:
                 lease.charge(prompt_tokens=final.prompt_tokens,
                              completion_tokens=final.completion_tokens)
                 lease.release()
-            await gw.limiter.settle(reservation, final.total)
+            await gw.limiter.settle(reservation, max(final.total, abandoned_tokens))
 
 
 async def _send(
@@ -296,12 +308,13 @@ async def _send(
     extra_headers: dict[str, str],
     lease: Lease,
     reservation: Reservation,
-) -> tuple[Response, Usage] | StreamRelay:
+) -> tuple[Response, Usage] | SettleBeforeEnd:
     """Send the admitted request to a backend.
 
     Returns:
         ``(response, usage)`` for a complete answer (or an error answered by the backend),
-        or the :class:`StreamRelay` that streams the rest and settles at its end.
+        or the stream relay (wrapped in :class:`SettleBeforeEnd`) that streams the rest and
+        settles at its end.
     """
     settings = gw.settings
     stream = ctx.stream
@@ -411,10 +424,44 @@ async def _send(
     hdrs = list(STREAM_HEADERS) + [
         (k.lower().encode(), v.encode()) for k, v in extra_headers.items()
     ]
-    return StreamRelay(
+    relay = StreamRelay(
         upstream, first, rest, parser, account,
         headers=hdrs, on_chunk=on_chunk, on_end=on_end, backend_url=backend.url,
     )
+    return SettleBeforeEnd(relay, lambda: gw.limiter.settle(
+        reservation, account.final_usage(ctx.est_prompt_tokens).total))
+
+
+class SettleBeforeEnd:
+    """ASGI wrapper of a :class:`StreamRelay` that settles the limits reservation before
+    the client can see the stream end.
+
+    The relay's ``on_end`` runs after the last byte has gone out, so a client that waits
+    for the end of a stream and then sends its next request could find the concurrency
+    slot, or the tokens reserved but not used, still held, and get a needless 429 (one
+    sequential stream in ten with ``max_concurrent = 1``). The reservation is settled
+    before the body message that carries ``[DONE]`` is sent (or, for a stream that ends
+    without it, the final empty message); ``on_end`` then settles nothing more (settle is
+    idempotent). A disconnect still settles in ``on_end``, with the tokens produced.
+    """
+
+    def __init__(self, relay: StreamRelay, settle: Callable[[], Awaitable[None]]) -> None:
+        self.relay = relay
+        self._settle = settle
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        account = self.relay.account
+        settled = False
+
+        async def send_first_settled(msg: dict[str, Any]) -> None:
+            nonlocal settled
+            if not settled and msg["type"] == "http.response.body" and (
+                    account.done or not msg.get("more_body", False)):
+                settled = True
+                await asyncio.shield(self._settle())
+            await send(msg)
+
+        await self.relay(scope, receive, send_first_settled)
 
 
 def _backend_status_error(status: int, raw: bytes, backend_url: str,

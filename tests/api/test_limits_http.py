@@ -192,9 +192,10 @@ def test_tpm_admits_exactly_the_limit_then_429(h: Harness, stream: bool) -> None
 def test_max_concurrent_with_long_streams(h: Harness) -> None:
     secret, p = new_key(h, max_concurrent=3)
     c = h.client(secret)
-    long = chat(40, stream=True, delay_s=0.05)  # 2 s each
+    short, long = chat(10, stream=True, delay_s=0.05), chat(200, stream=True, delay_s=0.05)
     with contextlib.ExitStack() as stack:
-        open_ = [stack.enter_context(c.stream("POST", CHAT_PATH, json=long)) for _ in range(3)]
+        open_ = [stack.enter_context(c.stream("POST", CHAT_PATH, json=b))
+                 for b in (short, long, long)]  # 0.5 s, 10 s, 10 s
         assert [r.status_code for r in open_] == [200] * 3
         assert status(h, p).in_flight == 3
         for body in (chat(), chat(stream=True)):
@@ -268,12 +269,12 @@ def test_retry_after_is_when_the_request_is_really_admitted(
     clock["t"] = t0 + 60
     r = post(c, chat(10))
     assert r.status_code == 200, r.text
-    assert_headers(r, rpm=2, remaining={"requests": 0, "tokens": PROMPT + 10})
-    # tokens: two requests (t0 + 10, t0 + 60) hold 2/3; one that needs the room of both
+    assert_headers(r, rpm=2, tpm=3 * (PROMPT + 10),
+                   remaining={"requests": 0, "tokens": PROMPT + 10})
+    # tokens: the requests of t0 + 10 and t0 + 60 hold 2/3 of the TPM; one that needs 2/3
     # waits until the older one leaves, at t0 + 70
     clock["t"] = t0 + 61
-    r = post(c, chat(10 + 2 * (PROMPT + 10)))
-    assert_limited(r, "TPM", (9, 9))
+    assert_limited(post(c, chat(10 + PROMPT + 10)), "TPM", (9, 9))
 
 
 def test_zero_means_unlimited(h: Harness) -> None:
@@ -300,7 +301,7 @@ CASES = {
 def test_fifty_at_once_admit_exactly_the_limit(h: Harness, fake: FakeBackend, case: str,
                                                stream: bool) -> None:
     limits, body, admitted, text = CASES[case]
-    secret, p = new_key(h, **limits)
+    secret, _ = new_key(h, **limits)
     body = {**body, "stream": True} if stream else body
     rs = fire(h, secret, [body] * N_AT_ONCE)
     codes = Counter(r.status_code for r in rs)
@@ -552,9 +553,14 @@ def test_forged_forwarded_for_cannot_lock_out_another_address(h: Harness) -> Non
 
 def _metric(h: Harness, user: str, limit: str) -> float:
     text = h.client(None).get("/metrics").text
-    m = re.search(r'^teamgpu_rate_limited_total\{(?=[^}]*limit="%s")(?=[^}]*user="%s")[^}]*\}'
-                  r" (\S+)$" % (re.escape(limit), re.escape(user)), text, re.M)
-    return float(m.group(1)) if m else 0.0
+    labels = f'limit="{limit}",user="{user}"'  # prometheus_client sorts no labels: both orders
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name == "teamgpu_rate_limited_total":
+            got, _, value = rest.rpartition("} ")
+            if sorted(got.split(",")) == sorted(labels.split(",")):
+                return float(value)
+    return 0.0
 
 
 @pytest.mark.parametrize(("limit", "limits", "body"), [
