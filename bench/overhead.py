@@ -123,6 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=200.0, help="requests/s of the open-loop load")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each load phase")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="alternating direct/gateway phases the duration is split into")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     a = ap.parse_args()
     try:
@@ -151,8 +153,20 @@ def main() -> None:
         results: dict[str, dict[str, float]] = {}
         for stream in (False, True):
             name = "streaming" if stream else "non-streaming"
-            d, late_d = asyncio.run(open_loop(direct, {}, a.rate, a.seconds, stream))
-            g, late_g = asyncio.run(open_loop(via, auth, a.rate, a.seconds, stream))
+            # alternate direct and gateway phases so that drift of the shared machine
+            # (other processes, CPU frequency) affects both sides alike
+            d: list[float] = []
+            g: list[float] = []
+            late_d = late_g = 0
+            for _ in range(a.rounds):
+                lat, late = asyncio.run(open_loop(direct, {}, a.rate, a.seconds / a.rounds,
+                                                  stream))
+                d += lat
+                late_d += late
+                lat, late = asyncio.run(open_loop(via, auth, a.rate, a.seconds / a.rounds,
+                                                  stream))
+                g += lat
+                late_g += late
             results[name] = {
                 "direct_p50_ms": pct(d, 50), "direct_p99_ms": pct(d, 99),
                 "gateway_p50_ms": pct(g, 50), "gateway_p99_ms": pct(g, 99),
