@@ -354,7 +354,8 @@ async def _send(
             if upstream.status != 200:
                 raw = await until_disconnect(request, upstream.read())
                 raise _backend_status_error(upstream.status, raw, backend.url,
-                                            upstream.headers.get("retry-after"))
+                                            upstream.headers.get("retry-after"),
+                                            endpoint=ctx.endpoint, model=served)
             if not stream:
                 raw = await until_disconnect(request, upstream.read())
                 upstream.release()
@@ -465,7 +466,8 @@ class SettleBeforeEnd:
 
 
 def _backend_status_error(status: int, raw: bytes, backend_url: str,
-                          retry_after: str | None = None) -> GatewayError:
+                          retry_after: str | None = None, *, endpoint: str = "",
+                          model: str = "") -> GatewayError:
     """A non-200 answer of the backend as the client's error.
 
     4xx keep their status and the backend's message (a too-long prompt stays a 400 with
@@ -475,13 +477,13 @@ def _backend_status_error(status: int, raw: bytes, backend_url: str,
     sent one; fault F7); other 5xx become 502.
     """
     message = raw.decode("utf-8", "replace")[:2000]
-    err_type, param, code = None, None, None
+    param, code = None, None
     try:
         obj = orjson.loads(raw)
         err = obj.get("error", obj) if isinstance(obj, dict) else None
         if isinstance(err, dict):
             message = str(err.get("message") or err.get("detail") or message)
-            err_type, param, code = err.get("type"), err.get("param"), err.get("code")
+            param, code = err.get("param"), err.get("code")
         elif isinstance(obj, dict) and "detail" in obj:
             message = str(obj["detail"])
     except orjson.JSONDecodeError:
@@ -500,10 +502,16 @@ def _backend_status_error(status: int, raw: bytes, backend_url: str,
         if status == 400 and "context length" in message.lower():
             exc = ContextLengthExceeded(message)
         else:
+            if status in (404, 405) and message.strip().lower() in ("not found",
+                                                                    "method not allowed"):
+                message = (f"the backend serving {model!r} does not offer /v1/{endpoint} "
+                           f"(it answered {status} {message.strip()})")
             exc = GatewayError(message, param=param if isinstance(param, str) else None,
                                status=status,
                                code=code if isinstance(code, str) else "invalid_request")
-            exc.type = err_type if isinstance(err_type, str) else "invalid_request_error"
+            # vLLM names its errors after exceptions ("BadRequestError"); clients expect
+            # OpenAI's types
+            exc.type = "invalid_request_error"
         exc.outcome = "backend_rejected"
         return exc
     return BackendError(f"backend {backend_url} answered {status}: {message}")

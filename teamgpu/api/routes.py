@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from teamgpu.api import proxy
 from teamgpu.api.errors import json_response
-from teamgpu.errors import ServiceUnavailable
+from teamgpu.errors import ModelNotFound, ServiceUnavailable
 
 if TYPE_CHECKING:
     from teamgpu.app import Gateway
@@ -53,6 +54,24 @@ async def models(request: Request) -> Response:
     return json_response({"object": "list", "data": data})
 
 
+async def model(request: Request) -> Response:
+    """``GET /v1/models/{model}``: one model card, as ``/v1/models`` lists it.
+
+    401 without a valid key; 404 ``model_not_found`` (param ``model``) for a name this
+    key may not use.
+    """
+    gw = _gw(request)
+    await gw.authenticate(request)
+    name = request.path_params["model"]
+    listing = orjson.loads((await models(request)).body)["data"]
+    for card in listing:
+        if card["id"] == name:
+            return json_response(card)
+    raise ModelNotFound(
+        f"The model {name!r} does not exist or is not served here. Models available to "
+        f"this key: {', '.join(c['id'] for c in listing) or '(none)'}", param="model")
+
+
 async def healthz(request: Request) -> Response:
     """``GET /healthz``: the gateway process is alive (200)."""
     return json_response({"status": "ok"})
@@ -75,6 +94,7 @@ ROUTES = [
     ("/v1/completions", completions, ["POST"]),
     ("/v1/embeddings", embeddings, ["POST"]),
     ("/v1/models", models, ["GET"]),
+    ("/v1/models/{model:path}", model, ["GET"]),
     ("/healthz", healthz, ["GET"]),
     ("/readyz", readyz, ["GET"]),
 ]

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from rich.console import Console
 from teamgpu.app import Gateway, create_app
 from teamgpu.auth.keys import KeyStore
 from teamgpu.cli.common import load_settings, settings_options
-from teamgpu.settings import Settings, default_cache_dir
+from teamgpu.settings import Settings, default_cache_dir, default_data_dir
 
 console = Console(stderr=True)
 
@@ -36,30 +37,35 @@ def _server_options(fn: Any) -> Any:
     return fn
 
 
-def _first_run_key(settings: Settings, keys: KeyStore) -> None:
+def _first_run_key(settings: Settings, keys: KeyStore, model: str | None = None) -> None:
     """Create and print an admin key when the store has no active admin key."""
     if keys.has_admin():
         return
     secret, p = keys.create("admin", admin=True)
     host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}/v1"
+    model_name = model or "MODEL"
+    argv0 = sys.argv[0] if sys.argv else ""
+    teamgpu = argv0 if "/" in argv0 else "teamgpu"  # the path this command was run by
+    data = "" if settings.data_dir == default_data_dir() else f" --data-dir {settings.data_dir}"
     console.rule("[bold]first run: admin key")
     console.print(
         f"Created admin key [bold]{p.key_id}[/] for user 'admin'. It is shown this once:\n\n"
         f"  [bold green]{secret}[/]\n\n"
-        "Make a key for each developer:  teamgpu keys create alice\n\n"
+        f"Make a key for each developer:  {teamgpu} keys create alice{data}\n\n"
         "Try it with curl:\n"
         f"  curl {base}/chat/completions -H 'Authorization: Bearer {secret}' \\\n"
         "    -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\": \"MODEL\", \"messages\": [{\"role\": \"user\", "
-        "\"content\": \"What is the capital of France?\"}]}'\n\n"
+        f"    -d '{{\"model\": \"{model_name}\", \"temperature\": 0, \"messages\": "
+        "[{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n\n"
         "Or with the OpenAI SDK:\n"
         f"  export OPENAI_BASE_URL={base}\n"
         f"  export OPENAI_API_KEY={secret}\n"
         "  python -c \"from openai import OpenAI; c = OpenAI(); "
-        "print(c.chat.completions.create(model='MODEL', messages=[{'role': 'user', "
-        "'content': 'What is the capital of France?'}]).choices[0].message.content)\"\n"
-        "(MODEL: a name that GET /v1/models lists)",
+        f"print(c.chat.completions.create(model='{model_name}', temperature=0, "
+        "messages=[{'role': 'user', 'content': 'What is the capital of France?'}])"
+        ".choices[0].message.content)\"\n"
+        + ("" if model else "(MODEL: a name that GET /v1/models lists)"),
         highlight=False, soft_wrap=True,
     )
     console.rule()
@@ -203,7 +209,7 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
         # admission follows the engine's own batch size
         s.max_inflight_per_backend = engine_max_num_seqs(build_command(spec))
     gw = Gateway(s)
-    _first_run_key(s, gw.keys)
+    _first_run_key(s, gw.keys, served)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -221,10 +227,24 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
     status = console.status("starting vLLM…")
     status.start()
 
+    last_state: list[Any] = [None, 0.0]
+    interactive = console.is_terminal
+
     def on_state(state: Any, message: str) -> None:
-        status.update(f"[bold]vLLM[/] {getattr(state, 'value', state)}: {message}")
-        if getattr(state, "value", "") in ("restarting", "ready") and gw_started:
-            logging.getLogger("teamgpu.engine").warning("engine %s: %s", state.value, message)
+        name = getattr(state, "value", state)
+        status.update(f"[bold]vLLM[/] {name}: {message}")
+        now = time.monotonic()
+        changed = state != last_state[0]
+        # without a terminal the spinner shows nothing: print a line on every change of
+        # state and every 15 s while it lasts
+        if changed or (not interactive and not gw_started and now - last_state[1] >= 15):
+            last_state[0], last_state[1] = state, now
+            if gw_started:
+                logging.getLogger("teamgpu.engine").log(
+                    logging.INFO if name == "ready" else logging.WARNING,
+                    "engine %s: %s", name, message)
+            elif not interactive:
+                console.print(f"vLLM {name}: {message}", highlight=False)
 
     gw_started = False
     sup = EngineSupervisor(spec, on_state=on_state, start_timeout_s=s.engine_start_timeout_s)

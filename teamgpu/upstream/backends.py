@@ -42,8 +42,8 @@ class Backend:
 
     def mark(self, up: bool, error: str | None = None) -> None:
         if up != self.up:
-            log.warning("backend %s is %s%s", self.url, "up" if up else "down",
-                        f": {error}" if error else "")
+            log.log(logging.INFO if up else logging.WARNING, "backend %s is %s%s", self.url,
+                    "up" if up else "down", f": {error}" if error else "")
             self.last_change = time.monotonic()
         self.up = up
         self.last_error = error

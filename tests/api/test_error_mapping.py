@@ -43,6 +43,13 @@ def vllm(message: str, code: int = 400) -> bytes:
                          "param": None, "code": code})
 
 
+def test_bare_404_names_the_missing_endpoint() -> None:
+    exc = _backend_status_error(404, orjson.dumps({"detail": "Not Found"}), "http://b",
+                                endpoint="embeddings", model="m")
+    assert exc.status == 404
+    assert exc.message.startswith("the backend serving 'm' does not offer /v1/embeddings")
+
+
 def test_context_length_error_is_400_with_its_code() -> None:
     msg = ("This model's maximum context length is 2048 tokens. However, you requested "
            "5000 tokens (10 in the messages, 4990 in the completion).")
@@ -55,8 +62,9 @@ def test_other_4xx_keep_status_message_and_string_code() -> None:
     exc = _backend_status_error(404, orjson.dumps({"error": {
         "message": "The model `x` does not exist.", "type": "NotFoundError",
         "param": "model", "code": "model_not_found"}}), "http://b")
-    assert (exc.status, exc.type, exc.param, exc.code) == (404, "NotFoundError", "model",
-                                                           "model_not_found")
+    # vLLM's exception-named type becomes OpenAI's
+    assert (exc.status, exc.type, exc.param, exc.code) == (
+        404, "invalid_request_error", "model", "model_not_found")
     exc = _backend_status_error(400, vllm("bad"), "http://b")
     assert (exc.status, exc.code, exc.message) == (400, "invalid_request", "bad")
     exc = _backend_status_error(422, orjson.dumps({"detail": "field required"}), "http://b")

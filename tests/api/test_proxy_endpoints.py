@@ -177,3 +177,13 @@ def test_models_cards_come_from_the_backend(client: httpx.Client) -> None:
     (card,) = client.get("/v1/models").json()["data"]
     assert card["id"] == MODEL and card["max_model_len"] == 2048
     assert orjson.loads(orjson.dumps(card))  # JSON-able
+
+
+def test_model_card_by_id(gateway: Harness, client: httpx.Client) -> None:
+    """``GET /v1/models/{id}`` (the SDK's ``models.retrieve``) answers the same card as the
+    list, and 404 ``model_not_found`` with param ``model`` for an unknown name."""
+    listed = client.get("/v1/models").json()["data"][0]
+    r = client.get(f"/v1/models/{listed['id']}")
+    assert r.status_code == 200 and r.json() == listed
+    err = assert_openai_error(client.get("/v1/models/nope"), 404, param="model")
+    assert err["code"] == "model_not_found"
