@@ -1,0 +1,69 @@
+"""The scheduler in front of a real vLLM (CPU, demo model): the engine accepts the
+``priority`` values the gateway sends, and an interactive request finds a free slot while
+a batch flood is queued. Few slots, short generations: seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from teamgpu.testing.harness import Harness, start_gateway, wait_until
+
+from .conftest import VllmEngine
+
+# low may start below 4 - 1 - 1 = 2 in flight, normal below 3, high below 4
+SETTINGS = {"max_inflight_per_backend": 4, "reserved_slots_high": 1,
+            "reserved_slots_normal": 1, "aging_s": 3600.0}
+
+
+@pytest.fixture(scope="module")
+def gw(vllm_engine: VllmEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    with start_gateway(tmp_path_factory.mktemp("e2e-sched"), [vllm_engine.base_url],
+                       **SETTINGS) as h:
+        yield h
+
+
+def complete(gw: Harness, model: str, priority: str, max_tokens: int) -> httpx.Response:
+    with gw.client(timeout_s=120.0) as c:
+        return c.post("/v1/completions", headers={"X-Priority": priority},
+                      json={"model": model, "prompt": "Once upon a time", "temperature": 0,
+                            "max_tokens": max_tokens, "ignore_eos": True})
+
+
+@pytest.mark.parametrize("priority, served", [("interactive", "high"), ("normal", "normal"),
+                                              ("batch", "low")])
+def test_vllm_accepts_each_class_priority(gw: Harness, vllm_engine: VllmEngine,
+                                          priority: str, served: str) -> None:
+    r = complete(gw, vllm_engine.served_model_name, priority, 4)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-priority"] == served
+    assert r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_interactive_request_skips_a_queued_batch_flood(gw: Harness,
+                                                        vllm_engine: VllmEngine) -> None:
+    model = vllm_engine.served_model_name
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        flood = [pool.submit(complete, gw, model, "low", 96) for _ in range(6)]
+
+        def queued_low() -> int:
+            adm = gw.gw.admission.get(model)
+            return 0 if adm is None else adm.stats().queued[2]
+
+        wait_until(lambda: queued_low() == 4, 30.0, "four batch requests queued behind two")
+        t0 = time.monotonic()
+        r = complete(gw, model, "high", 8)
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        assert r.headers["x-priority"] == "high"
+        row = gw.wait_row(r.headers["x-request-id"])
+        assert row["queue_ms"] < 100, row  # a reserved slot was free
+        assert queued_low() >= 2  # it did not wait for the flood
+        assert took < 10.0
+        for f in flood:
+            assert f.result(120.0).status_code == 200
