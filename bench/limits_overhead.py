@@ -1,7 +1,8 @@
 """Time a limit check adds to one request: reserve + settle, in process and with Redis.
 
 Prints a markdown table of per-request latency (p50 / p99 / mean, microseconds) and
-throughput. The key has all four limits set (RPM, TPM, concurrency, daily tokens), high
+throughput. A request also pays the failed-authentication throttle's check (before its
+key is verified), timed in a row of its own. The key has all four limits set (RPM, TPM, concurrency, daily tokens), high
 enough never to refuse, so every call takes the full admission path; the one key's
 windows fill with every request of the run (thousands of entries: far more than a real
 key holds, so the figures are an upper bound). A "refused" row times the 429 path, which
@@ -23,7 +24,16 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from teamgpu.limits import KeyLimits, Limiter, MemoryLimiter, RateLimited, RedisLimiter
+from teamgpu.limits import (
+    AuthFailureThrottle,
+    KeyLimits,
+    Limiter,
+    MemoryAuthFailureThrottle,
+    MemoryLimiter,
+    RateLimited,
+    RedisAuthFailureThrottle,
+    RedisLimiter,
+)
 from teamgpu.limits.redis_backend import connect
 
 BIG = 10**12
@@ -85,6 +95,13 @@ def _ping(client: aioredis.Redis) -> Callable[[], Awaitable[None]]:
     return fn
 
 
+def _throttle_check(throttle: AuthFailureThrottle) -> Callable[[], Awaitable[None]]:
+    async def fn() -> None:
+        await throttle.check("203.0.113.7")
+
+    return fn
+
+
 def _refused(lim: Limiter, key: str) -> Callable[[], Awaitable[None]]:
     async def fn() -> None:
         try:
@@ -106,9 +123,11 @@ async def main(url: str, n: int, width: int) -> None:
     rows.append(
         ("in process", "of which reserve (before the request)", split["reserve"][-n:], None)
     )
-    rows.append(("in process", "of which settle (after the response)", split["settle"][-n:], None))
+    rows.append(("in process", "of which settle (at the end of the answer)", split["settle"][-n:], None))
     lat, wall = await _concurrent(_reserve_settle(mem, "k2"), n, width)
     rows.append(("in process", f"reserve + settle, {width} at once", lat, n / wall))
+    lat = await _sequential(_throttle_check(MemoryAuthFailureThrottle()), n, 200)
+    rows.append(("in process", "auth-failure throttle check (every request)", lat, None))
 
     prefix = f"teamgpu:bench:{uuid.uuid4().hex}"
     client = connect(url, timeout_s=5.0)
@@ -119,7 +138,10 @@ async def main(url: str, n: int, width: int) -> None:
         lat = await _sequential(_reserve_settle(red, "k", split), n, 200)
         rows.append(("Redis", "reserve + settle, one at a time", lat, None))
         rows.append(("Redis", "of which reserve (before the request)", split["reserve"][-n:], None))
-        rows.append(("Redis", "of which settle (after the response)", split["settle"][-n:], None))
+        rows.append(("Redis", "of which settle (at the end of the answer)", split["settle"][-n:], None))
+        throttle = RedisAuthFailureThrottle(client, key_prefix=prefix)
+        lat = await _sequential(_throttle_check(throttle), n, 200)
+        rows.append(("Redis", "auth-failure throttle check (every request)", lat, None))
         ping = await _sequential(_ping(client), n, 200)
         rows.append(("Redis", "for scale: one PING round trip", ping, None))
         lat, wall = await _concurrent(_reserve_settle(red, "k2"), n, width)

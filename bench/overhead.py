@@ -1,6 +1,7 @@
 """What the gateway adds: the same load direct to a fast fake backend and through the gateway.
 
     .venv/bin/python bench/overhead.py [--rate 200] [--seconds 10] [--json]
+        [--key-limits [rpm,tpm,max-concurrent,daily-tokens]] [--redis-url URL]
 
 Three processes on this machine: the fake backend (teamgpu.testing.fake_backend), the
 gateway (``teamgpu serve``), and this load generator. For each of non-streaming and
@@ -9,6 +10,12 @@ schedule, so a slow server cannot slow the load down) first direct, then through
 gateway, and prints latency p50/p99 both ways and the difference: the latency the gateway
 adds. Then it finds the highest request rate sustained with 64 concurrent clients, both
 ways. Targets (issue 2): added p50 <= 1 ms and p99 <= 5 ms at 200 requests/s.
+
+``--key-limits`` gives the bench key limits (all four, or the ones named), each far too
+high to refuse, so every request takes the whole limit check (with ``tpm`` or
+``daily-tokens``, a ``/tokenize`` call to the backend too); ``--redis-url`` keeps the
+limit state in Redis (under a prefix of its own, deleted afterwards). Compare with a run
+without them for what the limit check adds (issue 4).
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ def pct(xs: list[float], p: float) -> float:
     k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
     return xs[k]
 
+
+LIMIT_FLAGS = ("rpm", "tpm", "max-concurrent", "daily-tokens")
+NEVER_REFUSES = 10**9
 
 BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}],
         "max_tokens": 16, "fake": {"tokens": 4}}
@@ -126,7 +136,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4,
                     help="alternating direct/gateway phases the duration is split into")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
+    ap.add_argument("--key-limits", nargs="?", const=",".join(LIMIT_FLAGS), default="",
+                    help="give the key these limits, too high to refuse (default: all four)")
+    ap.add_argument("--redis-url", default=None, help="keep the limit state in this Redis")
     a = ap.parse_args()
+    limits = [x for x in a.key_limits.split(",") if x]
+    if set(limits) - set(LIMIT_FLAGS):
+        ap.error(f"--key-limits takes some of {','.join(LIMIT_FLAGS)}")
     try:
         import uvloop
 
@@ -136,16 +152,22 @@ def main() -> None:
     data_dir = tempfile.mkdtemp(prefix="teamgpu-bench-")
     fport, gport = free_port(), free_port()
     env = {**os.environ, "TEAMGPU_DATA_DIR": data_dir}
+    redis_prefix = f"teamgpu:bench:{os.getpid()}:{time.time_ns()}"
+    if a.redis_url:
+        env["TEAMGPU_REDIS_KEY_PREFIX"] = redis_prefix
     procs = [subprocess.Popen([PY, "-m", "teamgpu.testing.fake_backend", "--port", str(fport)],
                               env=env)]
     try:
         wait_http(f"http://127.0.0.1:{fport}/health")
+        limit_args = [x for f in limits for x in (f"--{f}", str(NEVER_REFUSES))]
         key = json.loads(subprocess.check_output(
-            [str(BIN / "teamgpu"), "keys", "create", "bench", "--json"], env=env))["key"]
+            [str(BIN / "teamgpu"), "keys", "create", "bench", "--json", *limit_args],
+            env=env))["key"]
+        redis_args = ["--redis-url", a.redis_url] if a.redis_url else []
         procs.append(subprocess.Popen(
             [str(BIN / "teamgpu"), "serve", "--backend", f"http://127.0.0.1:{fport}",
-             "--port", str(gport), "--host", "127.0.0.1"], env={**env, "TEAMGPU_LOG_LEVEL": "warning"},
-            stderr=subprocess.DEVNULL))
+             "--port", str(gport), "--host", "127.0.0.1", *redis_args],
+            env={**env, "TEAMGPU_LOG_LEVEL": "warning"}, stderr=subprocess.DEVNULL))
         wait_http(f"http://127.0.0.1:{gport}/readyz")
         direct = f"http://127.0.0.1:{fport}/v1/chat/completions"
         via = f"http://127.0.0.1:{gport}/v1/chat/completions"
@@ -182,11 +204,20 @@ def main() -> None:
             p.terminate()
         for p in procs:
             p.wait(10)
+        if a.redis_url:
+            import redis
+
+            with redis.Redis.from_url(a.redis_url) as r:
+                stale = list(r.scan_iter(match=f"{redis_prefix}*", count=1000))
+                if stale:
+                    r.delete(*stale)
+    setup = {"key_limits": limits, "limit_state": "redis" if a.redis_url else "in process"}
     if a.json:
-        print(json.dumps({"rate": a.rate, "seconds": a.seconds, **results}, indent=2))
+        print(json.dumps({"rate": a.rate, "seconds": a.seconds, **setup, **results}, indent=2))
         return
     print(f"\nGateway overhead at {a.rate:g} requests/s, {a.seconds:g} s per phase "
-          f"(fake backend, 4 tokens per answer; {os.cpu_count()} cores shared by all three)\n")
+          f"(fake backend, 4 tokens per answer; {os.cpu_count()} cores shared by all three)")
+    print(f"Key limits: {', '.join(limits) or 'none'}; limit state: {setup['limit_state']}\n")
     print("| requests | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
     print("|---|---|---|---|---|---|---|")
     for name in ("non-streaming", "streaming"):

@@ -178,7 +178,8 @@ class Gateway:
         """The exact prompt-token count from the backend's ``/tokenize`` (vLLM), or None
         when the backend has none, fails, or the prompt is not a string / message list.
 
-        Used only for keys with a token limit, where the reservation should be exact.
+        Used only for keys with a token limit, where the reservation should be exact. A
+        dropped keep-alive connection is retried once; a timeout (2 s) is not.
         """
         b = self.pool.pick(served)
         if b is None or b.url in self._no_tokenize:
@@ -190,10 +191,18 @@ class Gateway:
                     "add_generation_prompt": True}
         else:
             return None
-        try:
-            status, data = await self.client.post_json(f"{b.url}/tokenize", body, 2.0)
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return None
+        for attempt in (1, 2):
+            try:
+                status, data = await self.client.post_json(f"{b.url}/tokenize", body, 2.0)
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # a pooled keep-alive connection the engine closed just as it was reused
+                # (uvicorn, as vLLM runs it, closes idle ones after 5 s): /tokenize has no
+                # side effects, so once more, on another connection
+                if attempt == 2:
+                    return None
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                return None
         if status == 404:
             self._no_tokenize.add(b.url)
             return None

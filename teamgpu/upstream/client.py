@@ -35,6 +35,8 @@ def convert_error(exc: BaseException, backend_url: str, retry_after_s: int) -> G
     return BackendError(f"backend {backend_url} failed: {type(exc).__name__}: {exc}")
 
 
+KEEPALIVE_S = 4.0
+
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -96,7 +98,11 @@ class UpstreamClient:
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(
+                limit=0, ttl_dns_cache=300,
+                # below the 5 s after which uvicorn (as vLLM runs it) closes an idle
+                # connection: a pooled connection is never reused as the server closes it
+                keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                           sock_read=read_timeout_s),
             auto_decompress=False,

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import pytest
@@ -254,8 +255,8 @@ def test_retry_after_is_when_the_request_is_really_admitted(
 ) -> None:
     """F7: Retry-After is consistent with the real refill: refused one moment before,
     admitted at exactly that moment."""
-    t0 = clock["t"]
-    secret, _ = new_key(h, rpm=2, tpm=3 * (PROMPT + 10))
+    t0, per = clock["t"], PROMPT + 10
+    secret, _ = new_key(h, rpm=2, tpm=3 * per)
     c = h.client(secret)
     assert post(c, chat(10)).status_code == 200  # t0
     clock["t"] = t0 + 10
@@ -269,12 +270,21 @@ def test_retry_after_is_when_the_request_is_really_admitted(
     clock["t"] = t0 + 60
     r = post(c, chat(10))
     assert r.status_code == 200, r.text
-    assert_headers(r, rpm=2, tpm=3 * (PROMPT + 10),
-                   remaining={"requests": 0, "tokens": PROMPT + 10})
-    # tokens: the requests of t0 + 10 and t0 + 60 hold 2/3 of the TPM; one that needs 2/3
-    # waits until the older one leaves, at t0 + 70
-    clock["t"] = t0 + 61
-    assert_limited(post(c, chat(10 + PROMPT + 10)), "TPM", (9, 9))
+    assert_headers(r, rpm=2, tpm=3 * per, remaining={"requests": 0, "tokens": per})
+    # tokens: the requests of t0 + 100 and t0 + 110 hold 2/3 of the TPM; one that needs
+    # 2/3 waits until the older one leaves, at t0 + 160
+    secret, _ = new_key(h, tpm=3 * per)
+    c = h.client(secret)
+    clock["t"] = t0 + 100
+    assert post(c, chat(10)).status_code == 200
+    clock["t"] = t0 + 110
+    assert post(c, chat(10)).status_code == 200
+    clock["t"] = t0 + 120
+    assert_limited(post(c, chat(10 + per)), f"TPM): Limit {3 * per}, Used {2 * per}", (40, 40))
+    clock["t"] = t0 + 159.5
+    assert_limited(post(c, chat(10 + per)), "TPM", (1, 1))
+    clock["t"] = t0 + 160
+    assert post(c, chat(10 + per)).status_code == 200
 
 
 def test_zero_means_unlimited(h: Harness) -> None:
@@ -442,6 +452,28 @@ def test_estimate_without_tokenize_is_conservative_then_settled(tmp_path: Path) 
         assert_headers(r, tpm=1000, remaining={"tokens": 1000 - estimate - 10})
         assert r.json()["usage"]["prompt_tokens"] == PROMPT
         assert status(gw, p).remaining_tokens == 1000 - PROMPT - 10
+
+
+def test_tokenize_on_a_dropped_keep_alive_connection_is_retried(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine closed a pooled connection as it was reused: /tokenize is asked again,
+    so the reservation stays exact instead of falling back to the estimate."""
+    real = h.gw.client.post_json
+    calls: list[str] = []
+
+    async def flaky(url: str, obj: Any, timeout_s: float) -> tuple[int, Any]:
+        calls.append(url)
+        if len(calls) == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return await real(url, obj, timeout_s)
+
+    monkeypatch.setattr(h.gw.client, "post_json", flaky)
+    secret, _ = new_key(h, tpm=1000)
+    r = post(h.client(secret), chat(10))
+    assert r.status_code == 200
+    assert_headers(r, tpm=1000, remaining={"tokens": 1000 - PROMPT - 10})
+    assert len(calls) == 2 and calls[0].endswith("/tokenize")
 
 
 # --- settings and the CLI ------------------------------------------------------------------
