@@ -183,8 +183,7 @@ class Settings(BaseSettings):
         out = []
         for url in v:
             url = url.rstrip("/")
-            if url.endswith("/v1"):
-                url = url[: -len("/v1")]
+            url = url.removesuffix("/v1")
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"backend URL must start with http:// or https://: {url!r}")
             out.append(url)

@@ -99,8 +99,8 @@ def test_raw_completion_is_forwarded_as_is(sdk: openai.OpenAI, vllm_engine: Vllm
 def test_f5_streamed_completion_usage_equals_non_streamed(
     sdk: openai.OpenAI, gw: Harness, vllm_engine: VllmEngine
 ) -> None:
-    args = dict(model=vllm_engine.served_model_name, prompt=CHATML_PROMPT, max_tokens=16,
-                temperature=0)
+    args = {"model": vllm_engine.served_model_name, "prompt": CHATML_PROMPT, "max_tokens": 16,
+            "temperature": 0}
     plain = sdk.completions.with_raw_response.create(**args)
     with sdk.completions.with_streaming_response.create(**args, stream=True) as raw:
         list(raw.parse())
