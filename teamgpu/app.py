@@ -74,10 +74,6 @@ def fair_queue_config(s: Settings) -> FairQueueConfig:
     )
 
 
-PRIORITY_ALIASES = {"interactive": "high", "batch": "low", "high": "high", "normal": "normal",
-                    "low": "low"}
-PRIORITY_ORDER = {"high": 0, "normal": 1, "low": 2}
-
 
 class Gateway:
     """Everything a request needs, opened in the app's lifespan.
@@ -298,31 +294,25 @@ class Gateway:
 
     def request_priority(self, request: Request, principal: Principal | None) -> str:
         """The class a request is served at: ``X-Priority`` (or the key's default), capped
-        at the key's ceiling.
+        at the key's ceiling; ``high``, ``normal`` or ``low``.
 
         Raises:
-            InvalidPriority: 400, an ``X-Priority`` value that is not a class or alias.
+            InvalidPriority: 400 (param ``X-Priority``), a value that is not a class or alias.
         """
         default = principal.default_priority if principal else "normal"
-        ceiling = principal.max_priority if principal else "high"
+        ceiling = PriorityClass.parse(principal.max_priority if principal else "high")
         raw = request.headers.get("x-priority")
-        if raw is None or not raw.strip():
-            wanted = default
-        else:
-            wanted = PRIORITY_ALIASES.get(raw.strip().lower())
-            if wanted is None:
-                raise InvalidPriority(
-                    f"X-Priority must be one of high, normal, low, interactive, batch; got {raw!r}",
-                    param="X-Priority",
-                )
-        if PRIORITY_ORDER[wanted] < PRIORITY_ORDER[ceiling]:
-            wanted = ceiling
-        return wanted
+        try:
+            wanted = PriorityClass.parse(raw if raw and raw.strip() else default)
+        except InvalidPriority as exc:
+            exc.param = "X-Priority"
+            raise
+        return wanted.capped(ceiling).name.lower()
 
     @staticmethod
     def priority_value(priority: str) -> int:
         """vLLM's ``priority`` for a class (lower is served first)."""
-        return PRIORITY_ORDER[priority]
+        return int(PriorityClass.parse(priority))
 
     async def record(
         self,
