@@ -208,8 +208,10 @@ class Stack:
     async def _start_engine(self) -> None:
         python = Path((CACHE / "engine-python").read_text().strip())
         model = CACHE / "models" / MODEL
+        # compiled graphs, as the baselines were measured (teamgpu up defaults to
+        # eager mode on the CPU; see teamgpu/engine/supervisor.py)
         args = ("--max-num-seqs", str(self.args.max_num_seqs), "--scheduling-policy", "priority",
-                "--max-model-len", "2048")
+                "--max-model-len", "2048", "--no-enforce-eager")
         spec = EngineSpec(python=python, model=str(model), served_model_name=MODEL,
                           port=free_port(), args=args, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
                           log_path=self.out / "engine.log")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,3 +88,15 @@ def test_free_port_can_be_bound_on_loopback() -> None:
     assert 0 < port < 65536
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_cpu_runs_eager_unless_told_otherwise(tmp_path: Path) -> None:
+    """vLLM 0.32 CPU's compiled graphs gave the demo model wrong greedy answers; the CPU
+    default is eager mode, and either spelling of the flag in the args wins."""
+    base: dict[str, Any] = {"python": tmp_path / "python", "model": "m",
+                            "served_model_name": "m", "port": 8000}
+    assert "--enforce-eager" in build_command(EngineSpec(**base))
+    compiled = build_command(EngineSpec(**base, args=("--no-enforce-eager",)))
+    assert "--enforce-eager" not in compiled and "--no-enforce-eager" in compiled
+    assert build_command(EngineSpec(**base, args=("--enforce-eager",))).count("--enforce-eager") == 1
+    assert "--enforce-eager" not in build_command(EngineSpec(**base, device="cuda"))
