@@ -55,7 +55,9 @@ def test_interactive_request_skips_a_queued_batch_flood(gw: Harness,
             adm = gw.gw.admission.get(model)
             return 0 if adm is None else adm.stats().queued[2]
 
-        wait_until(lambda: queued_low() == 4, 30.0, "four batch requests queued behind two")
+        # at least four wait behind the two low slots (more when vLLM still reports
+        # waiting requests from an earlier test and the gateway holds low back)
+        wait_until(lambda: queued_low() >= 4, 30.0, "four batch requests queued behind two")
         t0 = time.monotonic()
         r = complete(gw, model, "high", 8)
         took = time.monotonic() - t0
