@@ -54,6 +54,8 @@ from teamgpu.upstream.usage import Usage
 
 log = logging.getLogger("teamgpu")
 
+INVALID_KEY_MESSAGES = {"unknown": "Invalid API key", "expired": "API key expired",
+                        "revoked": "API key revoked"}
 DEFAULT_INFLIGHT = 16  # vLLM's --max-num-seqs as `teamgpu up` sets it on the CPU
 
 
@@ -265,24 +267,18 @@ class Gateway:
                 "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 code="missing_api_key",
             )
+        # one look-up whatever the outcome: the reason of a refusal comes from the same row
         if self._sqlite:
-            p = self.keys.verify(secret)
+            p = self.keys.lookup(secret)
         else:
-            p = await asyncio.to_thread(self.keys.verify, secret)
-        if p is None:
+            p = await asyncio.to_thread(self.keys.lookup, secret)
+        status = "unknown" if p is None else p.status(datetime.now(UTC))
+        if p is None or status != "active":
             await self.auth_throttle.record_failure(addr)
-            raise AuthenticationError(self._why_invalid(secret))
+            raise AuthenticationError(INVALID_KEY_MESSAGES[status])
         if ctx is not None:
             ctx.principal = p
         return p
-
-    def _why_invalid(self, secret: str) -> str:
-        p = self.keys.lookup(secret)
-        if p is not None and p.revoked_at is not None:
-            return "API key revoked"
-        if p is not None:
-            return "API key expired"
-        return "Invalid API key"
 
     async def require_admin(self, request: Request) -> Principal:
         from teamgpu.errors import PermissionDenied
@@ -308,11 +304,6 @@ class Gateway:
             exc.param = "X-Priority"
             raise
         return wanted.capped(ceiling).name.lower()
-
-    @staticmethod
-    def priority_value(priority: str) -> int:
-        """vLLM's ``priority`` for a class (lower is served first)."""
-        return int(PriorityClass.parse(priority))
 
     async def record(
         self,

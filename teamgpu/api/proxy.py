@@ -14,8 +14,7 @@ fields included, is passed through unchanged; ``/v1/completions`` goes to the ba
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -275,7 +274,7 @@ async def _forward(
         lease = await until_disconnect(request, adm.acquire(qreq))
         ctx.queue_ms = lease.wait_s * 1000.0
         if ctx.endpoint in GENERATIVE and gw.send_priority_field:
-            payload["priority"] = gw.priority_value(lease.priority.name.lower())
+            payload["priority"] = int(lease.priority)  # vLLM serves lower values first
         result = await _send(gw, request, ctx, payload, served, strip_usage, extra_headers,
                              lease, reservation)
         if isinstance(result, tuple):
@@ -308,13 +307,12 @@ async def _send(
     extra_headers: dict[str, str],
     lease: Lease,
     reservation: Reservation,
-) -> tuple[Response, Usage] | SettleBeforeEnd:
+) -> tuple[Response, Usage] | StreamRelay:
     """Send the admitted request to a backend.
 
     Returns:
         ``(response, usage)`` for a complete answer (or an error answered by the backend),
-        or the stream relay (wrapped in :class:`SettleBeforeEnd`) that streams the rest and
-        settles at its end.
+        or the stream relay that streams the rest and settles at its end.
     """
     settings = gw.settings
     stream = ctx.stream
@@ -425,44 +423,15 @@ async def _send(
     hdrs = list(STREAM_HEADERS) + [
         (k.lower().encode(), v.encode()) for k, v in extra_headers.items()
     ]
-    relay = StreamRelay(
+    # the limits reservation is settled before the client sees the stream end, so its
+    # next request finds the tokens and the concurrency slot free (settle is idempotent:
+    # on_end then settles nothing more; a disconnect settles in on_end)
+    return StreamRelay(
         upstream, first, rest, parser, account,
         headers=hdrs, on_chunk=on_chunk, on_end=on_end, backend_url=backend.url,
+        on_finishing=lambda: gw.limiter.settle(
+            reservation, account.final_usage(ctx.est_prompt_tokens).total),
     )
-    return SettleBeforeEnd(relay, lambda: gw.limiter.settle(
-        reservation, account.final_usage(ctx.est_prompt_tokens).total))
-
-
-class SettleBeforeEnd:
-    """ASGI wrapper of a :class:`StreamRelay` that settles the limits reservation before
-    the client can see the stream end.
-
-    The relay's ``on_end`` runs after the last byte has gone out, so a client that waits
-    for the end of a stream and then sends its next request could find the concurrency
-    slot, or the tokens reserved but not used, still held, and get a needless 429 (one
-    sequential stream in ten with ``max_concurrent = 1``). The reservation is settled
-    before the body message that carries ``[DONE]`` is sent (or, for a stream that ends
-    without it, the final empty message); ``on_end`` then settles nothing more (settle is
-    idempotent). A disconnect still settles in ``on_end``, with the tokens produced.
-    """
-
-    def __init__(self, relay: StreamRelay, settle: Callable[[], Awaitable[None]]) -> None:
-        self.relay = relay
-        self._settle = settle
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        account = self.relay.account
-        settled = False
-
-        async def send_first_settled(msg: dict[str, Any]) -> None:
-            nonlocal settled
-            if not settled and msg["type"] == "http.response.body" and (
-                    account.done or not msg.get("more_body", False)):
-                settled = True
-                await asyncio.shield(self._settle())
-            await send(msg)
-
-        await self.relay(scope, receive, send_first_settled)
 
 
 def _backend_status_error(status: int, raw: bytes, backend_url: str,
@@ -522,7 +491,3 @@ def _retry_after_s(value: str | None) -> int | None:
     if value is None or not value.strip().isdigit():
         return None
     return int(value.strip())
-
-
-def now_ms() -> float:
-    return time.perf_counter() * 1000.0

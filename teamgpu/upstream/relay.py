@@ -62,7 +62,8 @@ class StreamRelay:
     usage chunk the gateway asked for can be left out; otherwise raw reads are forwarded
     unchanged. A disconnect of the client cancels the relay at once and closes the
     backend connection (vLLM then aborts the request, fault F4). A backend failure after
-    the stream started ends it with an SSE error event (fault F13).
+    the stream started ends it with an SSE error event (fault F13). ``on_finishing`` is
+    awaited just before the client can see the stream end, ``on_end`` after it ended.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class StreamRelay:
         on_chunk: Callable[[StreamAccount], None] | None,
         on_end: Callable[[str, str | None], Awaitable[None]],
         backend_url: str,
+        on_finishing: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.upstream = upstream
         self.first_chunks = first_chunks
@@ -87,6 +89,7 @@ class StreamRelay:
         self.on_chunk = on_chunk
         self.on_end = on_end
         self.backend_url = backend_url
+        self.on_finishing = on_finishing
         self.outcome = "ok"
         self.error: str | None = None
 
@@ -135,7 +138,7 @@ class StreamRelay:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         for chunk in self.first_chunks:
             if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await self._send_body(send, chunk)
         account, parser, strip = self.account, self.parser, self.account.strip_usage_chunk
         try:
             async for chunk in self.rest:
@@ -149,7 +152,7 @@ class StreamRelay:
                 if evs and self.on_chunk is not None:
                     self.on_chunk(account)
                 if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    await self._send_body(send, out)
             if not account.done and account.error is None:
                 self.outcome = "backend_error"
                 self.error = "backend closed the stream before [DONE]"
@@ -162,7 +165,20 @@ class StreamRelay:
             self.error = f"failed mid-stream: {exc}"
             log.warning("%s", self.error)
             await self._send_error(send, self.error, getattr(exc, "code", None) or "backend_error")
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send_body(send, b"", more_body=False)
+
+    async def _send_body(self, send: Any, body: bytes, *, more_body: bool = True) -> None:
+        """Send body bytes; before the ones that end the stream for the client (those
+        carrying ``[DONE]``, or the final message), await ``on_finishing`` once.
+
+        ``on_end`` runs only after the last byte went out, so a client that waits for the
+        end of a stream and sends its next request at once could otherwise find what
+        ``on_finishing`` frees (the limits reservation) still held.
+        """
+        if self.on_finishing is not None and (self.account.done or not more_body):
+            finishing, self.on_finishing = self.on_finishing, None
+            await asyncio.shield(finishing())
+        await send({"type": "http.response.body", "body": body, "more_body": more_body})
 
     async def _send_error(self, send: Any, message: str, code: str) -> None:
         """End the stream with an SSE error event (fault F13). When raw reads were
