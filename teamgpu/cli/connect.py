@@ -55,13 +55,20 @@ def fetch_models(base_url: str, key: str, ca_cert: Path | None = None) -> list[s
     return [str(m["id"]) for m in r.json().get("data") or []]
 
 
+def _continue_model_fields(base_url: str, key: str, ca_cert: Path | None) -> dict[str, Any]:
+    """The fields every Continue.dev model entry shares. ``apiBase`` ends in ``/``:
+    Continue joins paths with ``new URL(path, apiBase)``, which drops a last segment
+    without it."""
+    common: dict[str, Any] = {"provider": "openai", "apiBase": base_url + "/", "apiKey": key}
+    if ca_cert:
+        common["requestOptions"] = {"caBundlePath": str(ca_cert)}
+    return common
+
+
 def continue_yaml(base_url: str, key: str, chat_model: str, autocomplete_model: str,
                   ca_cert: Path | None = None) -> str:
     """Continue.dev ``config.yaml`` (schema v1) for the gateway."""
-    api_base = base_url + "/"
-    common: dict[str, Any] = {"provider": "openai", "apiBase": api_base, "apiKey": key}
-    if ca_cert:
-        common["requestOptions"] = {"caBundlePath": str(ca_cert)}
+    common = _continue_model_fields(base_url, key, ca_cert)
     doc = {
         "name": "teamgpu",
         "version": "1.0.0",
@@ -82,10 +89,7 @@ def continue_yaml(base_url: str, key: str, chat_model: str, autocomplete_model: 
 def continue_json(base_url: str, key: str, chat_model: str, autocomplete_model: str,
                   ca_cert: Path | None = None) -> str:
     """The older Continue.dev ``config.json`` (``models`` and ``tabAutocompleteModel``)."""
-    api_base = base_url + "/"
-    common: dict[str, Any] = {"provider": "openai", "apiBase": api_base, "apiKey": key}
-    if ca_cert:
-        common["requestOptions"] = {"caBundlePath": str(ca_cert)}
+    common = _continue_model_fields(base_url, key, ca_cert)
     doc = {
         "models": [{"title": f"teamgpu {chat_model}", "model": chat_model, **common}],
         "tabAutocompleteModel": {"title": f"teamgpu {autocomplete_model} (autocomplete)",

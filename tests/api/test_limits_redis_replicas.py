@@ -31,27 +31,16 @@ import redis
 
 from teamgpu.auth.keys import KeyStore
 from teamgpu.store.db import open_store
-from teamgpu.testing.fake_backend import MODEL, ServerThread, free_port, prompt_token_count
+from teamgpu.testing.fake_backend import ServerThread, free_port
 from teamgpu.testing.harness import assert_openai_error, start_gateway, wait_until
+from tests.api.test_limits_http import PROMPT, chat  # one request shape for both files
 
 pytestmark = pytest.mark.services
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+
 BIN = Path(sys.executable).parent
 CHAT_PATH = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
-PROMPT = prompt_token_count({"messages": MESSAGES})
-
-
-def chat(max_tokens: int = 4, *, tokens: int | None = None, stream: bool = False,
-         **fake: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens,
-        "fake": {"tokens": max_tokens if tokens is None else tokens, **fake},
-    }
-    if stream:
-        body["stream"] = True
-    return body
 
 
 @dataclass
