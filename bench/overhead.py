@@ -8,8 +8,10 @@ gateway (``teamgpu serve``), and this load generator. For each of non-streaming 
 streaming chat completions it sends an open-loop load at ``--rate`` requests/s (fixed
 schedule, so a slow server cannot slow the load down) first direct, then through the
 gateway, and prints latency p50/p99 both ways and the difference: the latency the gateway
-adds. Then it finds the highest request rate sustained with 64 concurrent clients, both
-ways. Targets (issue 2): added p50 <= 1 ms and p99 <= 5 ms at 200 requests/s.
+adds, with the gateway process's CPU time per request (user + system, from ``/proc``: a
+steadier figure than latency on a shared machine whose speed drifts between runs). Then
+it finds the highest request rate sustained with 64 concurrent clients, both ways.
+Targets (issue 2): added p50 <= 1 ms and p99 <= 5 ms at 200 requests/s.
 
 ``--key-limits`` gives the bench key limits (all four, or the ones named), each far too
 high to refuse, so every request takes the whole limit check (with ``tpm`` or
@@ -57,6 +59,12 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -180,13 +188,16 @@ def main() -> None:
             d: list[float] = []
             g: list[float] = []
             late_d = late_g = 0
+            gw_cpu = 0.0
             for _ in range(a.rounds):
                 lat, late = asyncio.run(open_loop(direct, {}, a.rate, a.seconds / a.rounds,
                                                   stream))
                 d += lat
                 late_d += late
+                c0 = cpu_s(procs[1].pid)
                 lat, late = asyncio.run(open_loop(via, auth, a.rate, a.seconds / a.rounds,
                                                   stream))
+                gw_cpu += cpu_s(procs[1].pid) - c0
                 g += lat
                 late_g += late
             results[name] = {
@@ -194,6 +205,7 @@ def main() -> None:
                 "gateway_p50_ms": pct(g, 50), "gateway_p99_ms": pct(g, 99),
                 "added_p50_ms": pct(g, 50) - pct(d, 50), "added_p99_ms": pct(g, 99) - pct(d, 99),
                 "requests": len(g), "late_sends": late_d + late_g,
+                "gateway_cpu_ms_per_request": gw_cpu * 1000 / max(1, len(g)),
                 "direct_mean_ms": statistics.fmean(d), "gateway_mean_ms": statistics.fmean(g),
             }
         rate_d = asyncio.run(closed_loop(direct, {}, 64, a.seconds / 2))
@@ -218,13 +230,15 @@ def main() -> None:
     print(f"\nGateway overhead at {a.rate:g} requests/s, {a.seconds:g} s per phase "
           f"(fake backend, 4 tokens per answer; {os.cpu_count()} cores shared by all three)")
     print(f"Key limits: {', '.join(limits) or 'none'}; limit state: {setup['limit_state']}\n")
-    print("| requests | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| requests | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 "
+          "| gateway CPU |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in ("non-streaming", "streaming"):
         r = results[name]
         print(f"| {name} | {r['direct_p50_ms']:.2f} ms | {r['direct_p99_ms']:.2f} ms | "
               f"{r['gateway_p50_ms']:.2f} ms | {r['gateway_p99_ms']:.2f} ms | "
-              f"**{r['added_p50_ms']:.2f} ms** | **{r['added_p99_ms']:.2f} ms** |")
+              f"**{r['added_p50_ms']:.2f} ms** | **{r['added_p99_ms']:.2f} ms** | "
+              f"{r['gateway_cpu_ms_per_request']:.2f} ms/request |")
     m = results["max_rate"]
     print(f"\nHighest rate sustained, 64 concurrent clients, non-streaming: direct "
           f"{m['direct_rps']:.0f} requests/s, through the gateway {m['gateway_rps']:.0f} requests/s")

@@ -14,6 +14,7 @@ fields included, is passed through unchanged; ``/v1/completions`` goes to the ba
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -58,36 +59,67 @@ class ClientDisconnected(Exception):
     """The client went away before the answer was ready (audit status 499)."""
 
 
-async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
-    """Await ``aw`` unless the client disconnects first; then cancel it.
+class DisconnectGuard:
+    """Interrupts the request's awaits when the client disconnects, with one watcher task
+    per request (not one per await).
 
-    Raises:
-        ClientDisconnected: the client closed the connection; ``aw`` was cancelled.
+    The watcher reads the ASGI ``receive`` channel for ``http.disconnect``. While an await
+    runs under :meth:`run`, a disconnect cancels the handler's task and :meth:`run`
+    raises :class:`ClientDisconnected`; outside :meth:`run` (writing the audit row,
+    settling limits) a disconnect is only noted, and the next :meth:`run` raises at once.
+    :meth:`close` stops the watcher; call it before a streaming response (which watches
+    for itself) starts.
     """
-    task = asyncio.ensure_future(aw)
-    receive = request.receive
 
-    async def watch() -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
+    __slots__ = ("_armed", "_cancelling", "_owner", "_receive", "_watcher", "disconnected")
 
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        watcher.cancel()
-        raise
-    if task.done():
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    await asyncio.wait({task})
-    if not task.cancelled():
-        task.exception()  # it failed as the client left: the client no longer cares
-    raise ClientDisconnected()
+    def __init__(self, request: Request) -> None:
+        self._receive = request.receive
+        self._owner: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._armed = False
+        self._cancelling = False
+        self.disconnected = False
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        if self._armed and self._owner is not None:
+            self._cancelling = True
+            self._owner.cancel()
+
+    async def run(self, aw: Awaitable[T]) -> T:
+        """Await ``aw`` unless the client disconnects first; then ``aw`` is cancelled.
+
+        Raises:
+            ClientDisconnected: the client closed the connection (audit status 499).
+        """
+        if self.disconnected:
+            if inspect.iscoroutine(aw):
+                aw.close()
+            raise ClientDisconnected()
+        if self._watcher is None:
+            self._owner = asyncio.current_task()
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._armed = True
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            if not self._cancelling:
+                raise  # cancelled from elsewhere (server shutdown): not ours to swallow
+            raise ClientDisconnected() from None
+        finally:
+            self._armed = False
+            if self._cancelling:
+                self._cancelling = False
+                assert self._owner is not None
+                self._owner.uncancel()
+
+    def close(self) -> None:
+        """Stop watching (idempotent)."""
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -162,7 +194,7 @@ def requested_max_tokens(payload: dict[str, Any], default: int) -> int:
     return default
 
 
-async def handle(request: Request, endpoint: str) -> Response:
+async def handle(request: Request, endpoint: str) -> Response | StreamRelay:
     """Serve one OpenAI request on ``endpoint`` (``chat/completions``, ``completions`` or
     ``embeddings``). Errors come back in OpenAI's shape; see :mod:`teamgpu.errors`."""
     gw: Gateway = request.app.state.gw
@@ -172,11 +204,12 @@ async def handle(request: Request, endpoint: str) -> Response:
         client_addr=gw.client_addr(request),
     )
     extra_headers: dict[str, str] = {}
+    guard = DisconnectGuard(request)
     try:
         ctx.principal = await gw.authenticate(request, ctx)
         body = await read_body(request, gw.settings.max_body_bytes)
         payload = parse_json_object(request, body)
-        return await _forward(gw, request, ctx, payload, extra_headers)
+        return await _forward(gw, request, guard, ctx, payload, extra_headers)
     except GatewayError as exc:
         await gw.record(ctx, status=exc.status, outcome=exc.outcome, error=exc.message)
         if ctx.principal is not None and not any(
@@ -193,15 +226,18 @@ async def handle(request: Request, endpoint: str) -> Response:
         await gw.record(ctx, status=500, outcome="gateway_error",
                         error=f"{type(exc).__name__}: {exc}"[:1000])
         raise
+    finally:
+        guard.close()
 
 
 async def _forward(
     gw: Gateway,
     request: Request,
+    guard: DisconnectGuard,
     ctx: RequestCtx,
     payload: dict[str, Any],
     extra_headers: dict[str, str],
-) -> Response:
+) -> Response | StreamRelay:
     settings = gw.settings
     model = payload.get("model")
     if not isinstance(model, str) or not model:
@@ -271,11 +307,11 @@ async def _forward(
             else max(1, ctx.est_prompt_tokens // 2),
             est_output_tokens=max_tokens,
         )
-        lease = await until_disconnect(request, adm.acquire(qreq))
+        lease = await guard.run(adm.acquire(qreq))
         ctx.queue_ms = lease.wait_s * 1000.0
         if ctx.endpoint in GENERATIVE and gw.send_priority_field:
             payload["priority"] = int(lease.priority)  # vLLM serves lower values first
-        result = await _send(gw, request, ctx, payload, served, strip_usage, extra_headers,
+        result = await _send(gw, guard, ctx, payload, served, strip_usage, extra_headers,
                              lease, reservation)
         if isinstance(result, tuple):
             response, final = result
@@ -299,7 +335,7 @@ async def _forward(
 
 async def _send(
     gw: Gateway,
-    request: Request,
+    guard: DisconnectGuard,
     ctx: RequestCtx,
     payload: dict[str, Any],
     served: str,
@@ -340,8 +376,7 @@ async def _send(
 
     try:
         try:
-            upstream = await until_disconnect(
-                request,
+            upstream = await guard.run(
                 gw.client.post(url, body, headers, backend_url=backend.url,
                                retry_after_s=settings.backend_down_retry_after_s),
             )
@@ -350,12 +385,12 @@ async def _send(
             raise
         try:
             if upstream.status != 200:
-                raw = await until_disconnect(request, upstream.read())
+                raw = await guard.run(upstream.read())
                 raise _backend_status_error(upstream.status, raw, backend.url,
                                             upstream.headers.get("retry-after"),
                                             endpoint=ctx.endpoint, model=served)
             if not stream:
-                raw = await until_disconnect(request, upstream.read())
+                raw = await guard.run(upstream.read())
                 upstream.release()
                 usage = usage_from_body(raw) or Usage(0, 0)
                 ctx.ttft_ms = ctx.elapsed_ms()
@@ -371,7 +406,7 @@ async def _send(
         parser = SSEParser()
         account = StreamAccount(strip_usage_chunk=strip_usage, keep_text=settings.store_prompts)
         try:
-            first, rest = await until_disconnect(request, read_first_event(upstream, parser, account))
+            first, rest = await guard.run(read_first_event(upstream, parser, account))
         except BaseException:
             upstream.close()
             raise

@@ -15,21 +15,22 @@ from teamgpu.errors import ModelNotFound, ServiceUnavailable
 
 if TYPE_CHECKING:
     from teamgpu.app import Gateway
+    from teamgpu.upstream.relay import StreamRelay
 
 
 def _gw(request: Request) -> Gateway:
     return request.app.state.gw  # type: ignore[no-any-return]
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> Response | StreamRelay:
     return await proxy.handle(request, "chat/completions")
 
 
-async def completions(request: Request) -> Response:
+async def completions(request: Request) -> Response | StreamRelay:
     return await proxy.handle(request, "completions")
 
 
-async def embeddings(request: Request) -> Response:
+async def embeddings(request: Request) -> Response | StreamRelay:
     return await proxy.handle(request, "embeddings")
 
 
