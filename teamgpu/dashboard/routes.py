@@ -30,6 +30,7 @@ Routes (``ROUTES``, plus the static files from :func:`mounts`)::
 
 from __future__ import annotations
 
+import asyncio
 import html
 import secrets
 import time
@@ -209,16 +210,29 @@ async def login(request: Request) -> Response:
     """``POST /dashboard/login`` with form field ``key``: sign in with an admin key.
 
     303 to ``/dashboard`` with the session cookie; the form again with 401 for a missing,
-    unknown, expired or revoked key and 403 for a key that is not an admin key.
+    unknown, expired or revoked key and 403 for a key that is not an admin key. Sign-ins
+    go through the same per-address failed-authentication throttle as the API: a missing
+    or invalid key counts as a failure, and an address over the limit gets the form with
+    429 and ``Retry-After`` before its key is even looked at (docs/limits.md).
     """
+    gw = _gw(request)
+    addr = gw.client_addr(request) or "unknown"
+    try:
+        await gw.auth_throttle.check(addr)
+    except GatewayError as exc:  # RateLimited (429), or the throttle's store down (503)
+        if exc.status == 429:
+            gw.metrics.rate_limited(user=None, limit="auth_failures")
+        r = _login_page(exc.message, exc.status)
+        r.headers.update(exc.headers)
+        return r
     try:
         form = await _read_form(request)
     except GatewayError as exc:
         return _login_page(exc.message, exc.status)
-    gw = _gw(request)
     secret = form.get("key", "").strip()
-    p = gw.keys.verify(secret) if secret else None
+    p = (await asyncio.to_thread(gw.keys.verify, secret)) if secret else None
     if p is None:
+        await gw.auth_throttle.record_failure(addr)
         return _login_page("That key is not valid (unknown, expired or revoked).", 401)
     if not p.is_admin:
         return _login_page("That key is not an admin key.", 403)

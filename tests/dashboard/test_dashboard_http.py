@@ -195,3 +195,29 @@ def test_dashboard_works_with_metrics_behind_a_key(fake_server: ServerThread,
     with dashboard_gateway(tmp_path, [fake_server.url], metrics_require_key=True) as h:
         c, _ = sign_in(h)
         assert c.get("/dashboard/api/stats").status_code == 200
+
+
+def test_guessing_keys_on_the_sign_in_form_is_throttled(fake_server: ServerThread,
+                                                        tmp_path: Path) -> None:
+    """The sign-in form is an authentication path like the API: failures count against
+    the address in the same per-address throttle (row of issue 4), and other addresses
+    keep signing in."""
+    with dashboard_gateway(tmp_path / "gw", [fake_server.url], trust_forwarded_for=True,
+                           auth_failures_per_minute=3) as h:
+        guesser = browser(h, headers={"X-Forwarded-For": "198.51.100.7"})
+        for _ in range(2):
+            assert guesser.post("/dashboard/login", data={"key": "tg-guess"}).status_code == 401
+        # the API's failures and the form's share one budget per address
+        api = browser(h, headers={"X-Forwarded-For": "198.51.100.7",
+                                  "Authorization": "Bearer tg-guess"})
+        assert api.post("/v1/chat/completions", json=CHAT).status_code == 401
+        r = guesser.post("/dashboard/login", data={"key": h.admin_key})
+        assert r.status_code == 429, r.text  # refused before the key is looked at
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert COOKIE not in r.headers.get("set-cookie", "")
+        assert api.post("/v1/chat/completions", json=CHAT).status_code == 429
+        # another address is not locked out, and a non-admin key is not a failed guess
+        other = browser(h, headers={"X-Forwarded-For": "203.0.113.9"})
+        for _ in range(4):
+            assert other.post("/dashboard/login", data={"key": h.user_key}).status_code == 403
+        assert other.post("/dashboard/login", data={"key": h.admin_key}).status_code == 303
