@@ -226,6 +226,14 @@ async def handle(request: Request, endpoint: str) -> Response | StreamRelay:
         await gw.record(ctx, status=500, outcome="gateway_error",
                         error=f"{type(exc).__name__}: {exc}"[:1000])
         raise
+    except asyncio.CancelledError:
+        # cancelled from elsewhere: the server stopping with the request still running
+        # past its grace period (a client disconnect is ClientDisconnected). The client
+        # sees its connection close; the request still gets its one row.
+        await asyncio.shield(gw.record(
+            ctx, status=503, outcome="gateway_stopped",
+            error="the gateway stopped before the answer was complete"))
+        raise
     finally:
         guard.close()
 
@@ -446,7 +454,8 @@ async def _send(
         lease.charge(prompt_tokens=usage.prompt_tokens,
                      completion_tokens=max(0, usage.completion_tokens - charged))
         lease.release()
-        status = 200 if outcome in ("ok", "backend_error", "backend_timeout") else 499
+        status = 200 if outcome in ("ok", "backend_error", "backend_timeout",
+                                     "gateway_stopped") else 499
         try:
             await gw.record(
                 ctx, status=status, outcome=outcome, usage=usage, error=error,

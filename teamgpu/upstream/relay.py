@@ -115,7 +115,9 @@ class StreamRelay:
                     self.error = f"relay failed: {type(exc).__name__}: {exc}"
                     raise
         except asyncio.CancelledError:
-            self.outcome = "client_disconnected"
+            # the handler task itself was cancelled: the server stopping past its grace
+            # period (a client that leaves is seen by ``watch`` above, not as a cancel)
+            self.outcome = "gateway_stopped"
             pump.cancel()
             watch.cancel()
             raise

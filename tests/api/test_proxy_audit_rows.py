@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from teamgpu.testing.fake_backend import MODEL, ServerThread
-from teamgpu.testing.harness import Harness, start_gateway
+from teamgpu.testing.harness import Harness, start_gateway, wait_until
 
 SECRET_PROMPT = "my secret plan is 42"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": SECRET_PROMPT}]}
@@ -96,3 +96,41 @@ def test_x_forwarded_for_when_trusted(storing: Harness) -> None:
     # one trusted proxy appends the address it saw: the rightmost entry; the leftmost is
     # whatever the client claimed and is ignored
     assert storing.wait_row(r.headers["x-request-id"])["client_addr"] == "10.1.2.3"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_request_cut_by_the_server_stopping_keeps_its_row(
+        fake_server: ServerThread, tmp_path: Any, stream: bool) -> None:
+    """uvicorn cancels requests still running when its graceful-shutdown timeout runs
+    out; each still gets its one audit row, written by the flush at shutdown."""
+    import threading
+
+    with start_gateway(tmp_path / "gw", [fake_server.url]) as h:
+        h.thread.server.config.timeout_graceful_shutdown = 0.5
+        c = h.client(timeout_s=30.0)
+        got: dict[str, Any] = {}
+
+        def slow() -> None:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                    "stream": stream, "fake": {"tokens": 200, "delay_s": 0.05}}
+            try:
+                with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    got["status"] = r.status_code
+                    r.read()
+            except httpx.HTTPError as exc:
+                got["error"] = exc
+
+        t = threading.Thread(target=slow)
+        t.start()
+        # the request is at the backend, generating for 10 s
+        wait_until(lambda: h.gw.admission.get(MODEL) is not None
+                   and h.gw.admission[MODEL].in_flight == 1, 5.0, "the request in flight")
+        h.thread.server.should_exit = True  # as on SIGTERM; the client stays connected
+        h.thread.thread.join(10)
+        assert not h.thread.thread.is_alive()
+        t.join(10)
+        rows = h.rows()
+        assert len(rows) == 1, rows
+        assert rows[0]["outcome"] == "gateway_stopped"
+        assert rows[0]["status"] == (200 if stream else 503)
+        assert rows[0]["total_ms"] < 5000
