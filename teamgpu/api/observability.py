@@ -68,6 +68,9 @@ def gateway_metrics(gw: Gateway, *, gpu: Any | None = None) -> GatewayMetrics:
         inflight=lambda: {b.url: b.in_flight for b in _backends(gw)},
         backend_up=lambda: {b.url: b.up for b in _backends(gw)},
         gpu=gpu if gpu is not None else NvmlSampler(),
+        redis_errors=(lambda: {"limiter": gw.limiter.redis_errors_total,
+                               "auth_throttle": gw.auth_throttle.redis_errors_total})
+        if gw.settings.redis_url else None,
     )
 
 

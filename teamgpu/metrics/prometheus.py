@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -92,6 +92,9 @@ class GatewayMetrics:
         inflight: Returns requests in the engine per backend URL.
         backend_up: Returns per backend URL whether it answered its last health check.
         gpu: A GPU source (``NvmlSampler``) or a callable returning ``list[GpuSample]``.
+        redis_errors: Returns Redis errors met so far per component (``limiter``,
+            ``auth_throttle``), exported as ``teamgpu_redis_errors_total``; None (no Redis
+            configured) leaves the family out.
         ttft_window: The rolling TTFT window fed by :meth:`request_done` (default: 5
             minutes, one hour of per-minute history).
         wall_clock: Seconds since the epoch, for the TTFT window (default ``time.time``).
@@ -108,6 +111,7 @@ class GatewayMetrics:
         inflight: Callable[[], Mapping[str, int]] | None = None,
         backend_up: Callable[[], Mapping[str, bool]] | None = None,
         gpu: GpuSource | Callable[[], list[GpuSample]] | None = None,
+        redis_errors: Callable[[], Mapping[str, int]] | None = None,
         ttft_window: TtftWindow | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -143,7 +147,8 @@ class GatewayMetrics:
             "teamgpu_rate_limited_total", "Requests refused by a rate limit or quota.",
             ["user", "limit"], registry=r)
         self.collector = LiveGaugeCollector(
-            queue_depth=queue_depth, inflight=inflight, backend_up=backend_up, gpu=gpu)
+            queue_depth=queue_depth, inflight=inflight, backend_up=backend_up, gpu=gpu,
+            redis_errors=redis_errors)
         r.register(self.collector)
 
     # ------------------------------------------------------------ request path hooks
@@ -301,8 +306,10 @@ class LiveGaugeCollector(Collector):
         inflight: Callable[[], Mapping[str, int]] | None,
         backend_up: Callable[[], Mapping[str, bool]] | None,
         gpu: GpuSource | Callable[[], list[GpuSample]] | None,
+        redis_errors: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._queue_depth = queue_depth
+        self._redis_errors = redis_errors
         self._inflight = inflight
         self._backend_up = backend_up
         if gpu is None or callable(gpu):
@@ -314,6 +321,8 @@ class LiveGaugeCollector(Collector):
         """The families this collector may yield (for the registry's duplicate check)."""
         for name, doc, labels in _GAUGES:
             yield GaugeMetricFamily(name, doc, labels=labels)
+        if self._redis_errors is not None:
+            yield CounterMetricFamily(*_REDIS_ERRORS)
 
     def collect(self) -> Iterable[Metric]:
         """Read every source now and yield its gauges."""
@@ -341,9 +350,21 @@ class LiveGaugeCollector(Collector):
             for backend, ok in up.items():
                 f.add_metric([backend], 1.0 if ok else 0.0)
             yield f
+        errors = _read("Redis errors", self._redis_errors)
+        if errors is not None:
+            c = CounterMetricFamily(*_REDIS_ERRORS)
+            for component, n in errors.items():
+                c.add_metric([component], float(n))
+            yield c
         gpus = _read("GPU", self.gpu) or []
         if gpus:
             yield from _gpu_families(gpus, family)
+
+
+_REDIS_ERRORS_DOC = ("Redis errors met by the limiter or the failed-authentication throttle "
+                     "(with redis_url set); see docs/limits.md for what each does while "
+                     "Redis is down.")
+_REDIS_ERRORS = ("teamgpu_redis_errors", _REDIS_ERRORS_DOC, None, ["component"])
 
 
 _GPU_LABELS = ["gpu", "uuid", "name"]

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -314,6 +315,12 @@ def test_redis_outage_fails_open_with_a_warning(fake_server: ServerThread, tmp_p
         assert rs[0].headers["x-ratelimit-limit-requests"] == "2"
         assert_openai_error(gw.client("tg-wrong").post(CHAT_PATH, json=chat()), 401)
         assert gw.gw.limiter.redis_errors_total >= 1
+        # the operator sees the outage in /metrics
+        text = gw.client(None).get("/metrics").text
+        errors = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^teamgpu_redis_errors_total\{component="(\w+)"\} (\S+)$', text, re.MULTILINE)}
+        assert errors["limiter"] == gw.gw.limiter.redis_errors_total >= 1
+        assert errors["auth_throttle"] >= 1
     warnings = [rec.getMessage() for rec in caplog.records if rec.name == "teamgpu.limits"]
     assert any("Redis unavailable" in m and "fail open" in m for m in warnings), warnings
 
