@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
@@ -152,8 +154,10 @@ class AuditLog:
             conn.execute(insert(usage), rows)
 
 
-def usage_totals(engine: Engine, since: datetime | None = None) -> dict[str, Any]:
-    """Total requests, and per user: requests, prompt and completion tokens.
+def usage_totals(engine: Engine, since: datetime | None = None,
+                 until: datetime | None = None) -> dict[str, Any]:
+    """Total requests, and per user: requests, prompt and completion tokens, of the rows
+    with ``since <= ts < until`` (either bound optional).
 
     Returns:
         ``{"requests": int, "users": {user: {"requests", "prompt_tokens",
@@ -167,6 +171,8 @@ def usage_totals(engine: Engine, since: datetime | None = None) -> dict[str, Any
     ).group_by(usage.c.user)
     if since is not None:
         q = q.where(usage.c.ts >= since)
+    if until is not None:
+        q = q.where(usage.c.ts < until)
     with engine.connect() as conn:
         rows = conn.execute(q).all()
     users = {
@@ -178,3 +184,47 @@ def usage_totals(engine: Engine, since: datetime | None = None) -> dict[str, Any
         for u, n, p, c in rows
     }
     return {"requests": sum(v["requests"] for v in users.values()), "users": users}
+
+
+def _add_totals(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    users: dict[str, dict[str, int]] = {u: dict(v) for u, v in a["users"].items()}
+    for u, v in b["users"].items():
+        mine = users.setdefault(u, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        for k in mine:
+            mine[k] += v[k]
+    return {"requests": a["requests"] + b["requests"], "users": users}
+
+
+class UsageTotalsCache:
+    """All-time :func:`usage_totals` without scanning the whole audit log on every call.
+
+    ``/stats`` and the dashboard (every 2 s) show all-time totals; a full scan of a month's
+    log (a million rows) takes about 0.6 s on SQLite. Here the rows before a day boundary
+    are summed once per day and cached; each call adds the rows since the boundary, found
+    through the ``ts`` index. The boundary is the latest UTC midnight at least
+    ``settle_s`` ago, so a row stamped just before midnight but committed just after it
+    (a batch in flight, another replica) is still on the live side when the cache is made.
+    Rows are never updated or deleted once written, so cached totals stay true.
+
+    Thread-safe: calls may come from several worker threads at once.
+    """
+
+    def __init__(self, engine: Engine, *, settle_s: float = 600.0,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.engine = engine
+        self._settle = timedelta(seconds=settle_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._boundary: datetime | None = None
+        self._before: dict[str, Any] = {"requests": 0, "users": {}}
+
+    def get(self) -> dict[str, Any]:
+        """All-time totals, in :func:`usage_totals`'s shape."""
+        boundary = (self._clock() - self._settle).replace(hour=0, minute=0, second=0,
+                                                          microsecond=0)
+        with self._lock:
+            if boundary != self._boundary:
+                self._before = usage_totals(self.engine, until=boundary)
+                self._boundary = boundary
+            before = self._before
+        return _add_totals(before, usage_totals(self.engine, since=boundary))

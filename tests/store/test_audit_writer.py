@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -120,3 +121,54 @@ async def test_all_fields_round_trip(engine: Engine) -> None:
               "model", "priority", "stream", "prompt_tokens", "completion_tokens", "queue_ms",
               "ttft_ms", "backend", "client_addr", "error", "prompt_text", "completion_text"):
         assert got[k] == getattr(r, k), k
+
+
+def test_cached_all_time_totals_match_a_full_scan_across_days(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UsageTotalsCache sums past days once and today's rows on each call; whatever the
+    clock and whenever rows arrive (including a row stamped before midnight but written
+    after it), its totals equal a full scan's."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert
+
+    from teamgpu.store.audit import UsageTotalsCache
+
+    day0 = datetime(2026, 11, 20, tzinfo=UTC)
+
+    def add(ts: datetime, user: str, prompt: int = 10, completion: int = 3) -> None:
+        with engine.begin() as conn:
+            conn.execute(insert(usage).values(
+                request_id=f"r{ts.timestamp()}-{user}", ts=ts, user=user,
+                endpoint="completions", status=200, outcome="ok", prompt_tokens=prompt,
+                completion_tokens=completion, total_ms=1.0))
+
+    for d in range(3):
+        for h in (1, 12, 23):
+            add(day0 + timedelta(days=d, hours=h), f"dev{d % 2}")
+    now = {"t": day0 + timedelta(days=3, hours=9)}
+    scans: list[tuple[object, object]] = []
+    cache = UsageTotalsCache(engine, settle_s=600, clock=lambda: now["t"])
+    import teamgpu.store.audit as audit_mod
+
+    def counting(engine: Engine, since: Any = None, until: Any = None) -> dict[str, Any]:
+        scans.append((since, until))
+        return usage_totals(engine, since=since, until=until)
+
+    monkeypatch.setattr(audit_mod, "usage_totals", counting)
+    assert cache.get() == usage_totals(engine)
+    add(now["t"], "dev0", 100, 50)  # today's row shows at once
+    assert cache.get() == usage_totals(engine)
+    # the past was summed once; later calls only read since the boundary
+    assert [u for _, u in scans].count(None) == 2 and len(scans) == 3
+    # five minutes past midnight: the boundary stays at yesterday's midnight, so a
+    # row stamped 23:59:59 and written now is counted
+    now["t"] = day0 + timedelta(days=4, minutes=5)
+    add(day0 + timedelta(days=3, hours=23, minutes=59, seconds=59), "late")
+    assert cache.get() == usage_totals(engine)
+    # once the boundary moves, the cache is made again and still agrees
+    now["t"] = day0 + timedelta(days=4, hours=1)
+    add(now["t"], "dev1")
+    assert cache.get() == usage_totals(engine)
+    assert cache.get()["users"]["late"]["requests"] == 1
+    assert cache.get()["requests"] == 9 + 3
