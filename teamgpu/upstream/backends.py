@@ -1,9 +1,12 @@
 """Backends: OpenAI-compatible servers (vLLM) behind the gateway, and their health.
 
 Each backend is polled every ``health_interval_s``: ``GET /health`` (vLLM) and
-``GET /v1/models`` for its served model names and ``max_model_len``. A backend that fails
-a poll, or refuses a connection on the request path, is marked down at once and is put
-back when a poll succeeds again. The last known model list is kept while it is down, so a
+``GET /v1/models`` for its served model names and ``max_model_len``. A backend that refuses
+the connection or answers an error, on a poll or on the request path, is marked down at
+once; one that is only slow (a poll times out after ``HEALTH_TIMEOUT_S``) is marked down
+after ``SLOW_POLLS_BEFORE_DOWN`` slow polls in a row, because an engine busy on a loaded
+machine answers its health check late while it keeps serving. A backend is put back when
+a poll succeeds again. The last known model list is kept while it is down, so a
 client asking for a known model gets 503 with ``Retry-After`` rather than 404.
 """
 
@@ -20,6 +23,11 @@ import aiohttp
 from teamgpu.upstream.client import UpstreamClient
 
 log = logging.getLogger("teamgpu.backends")
+
+HEALTH_TIMEOUT_S = 3.0
+"""Seconds a health poll (each of its two requests) may take."""
+SLOW_POLLS_BEFORE_DOWN = 3
+"""Timed-out polls in a row that mark an up backend down (about 15 s at the defaults)."""
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Backend:
     in_flight: int = 0
     last_change: float = field(default_factory=time.monotonic)
     last_error: str | None = None
+    slow_polls: int = 0
 
     def mark(self, up: bool, error: str | None = None) -> None:
         if up != self.up:
@@ -47,6 +56,8 @@ class Backend:
             self.last_change = time.monotonic()
         self.up = up
         self.last_error = error
+        if up:
+            self.slow_polls = 0
 
 
 class BackendPool:
@@ -102,18 +113,26 @@ class BackendPool:
     async def poll(self, b: Backend) -> None:
         """One health check: ``/health`` (404 tolerated for non-vLLM servers), then models."""
         try:
-            status, _ = await self.client.get_text(f"{b.url}/health", 3.0)
+            status, _ = await self.client.get_text(f"{b.url}/health", HEALTH_TIMEOUT_S)
             if status >= 500:
                 b.mark(False, f"/health answered {status}")
                 return
-            status, body = await self.client.get_json(f"{b.url}/v1/models", 3.0)
+            status, body = await self.client.get_json(f"{b.url}/v1/models", HEALTH_TIMEOUT_S)
             if status != 200 or not isinstance(body, dict):
                 b.mark(False, f"/v1/models answered {status}")
                 return
             data = body.get("data") or []
             b.models = {m["id"]: m for m in data if isinstance(m, dict) and "id" in m}
             b.mark(True)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        except TimeoutError:  # also aiohttp's timeouts: slow, not (yet) gone
+            b.slow_polls += 1
+            error = f"health poll timed out after {HEALTH_TIMEOUT_S:g} s"
+            if not b.up or b.slow_polls >= SLOW_POLLS_BEFORE_DOWN:
+                b.mark(False, f"{error} ({b.slow_polls} in a row)")
+            else:
+                log.info("backend %s is slow: %s (%d in a row; down after %d)", b.url, error,
+                         b.slow_polls, SLOW_POLLS_BEFORE_DOWN)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             b.mark(False, f"{type(exc).__name__}: {exc}")
 
     def report_failure(self, b: Backend, error: str) -> None:

@@ -53,3 +53,61 @@ def test_card() -> None:
     card: dict[str, Any] = p.card("small")
     assert card["id"] == "small"
     assert p.card("unknown") == {"id": "unknown", "object": "model"}
+
+
+class SlowHealthServer:
+    """A vLLM stand-in whose /health answers after ``delay_s``; refuses nothing."""
+
+    def __init__(self) -> None:
+        self.delay_s = 0.0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import asyncio
+
+        import orjson
+
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/health":
+            await asyncio.sleep(self.delay_s)
+            body = b""
+        else:
+            body = orjson.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_a_slow_health_check_is_not_a_dead_engine(monkeypatch: Any) -> None:
+    """A busy engine answering /health late keeps serving: one or two slow polls leave
+    it up; SLOW_POLLS_BEFORE_DOWN in a row mark it down; a refused connection at once."""
+    from teamgpu.testing.fake_backend import ServerThread, free_port
+    from teamgpu.upstream import backends
+    from teamgpu.upstream.client import UpstreamClient
+
+    monkeypatch.setattr(backends, "HEALTH_TIMEOUT_S", 0.2)
+    app = SlowHealthServer()
+    client = UpstreamClient(connect_timeout_s=1.0, read_timeout_s=5.0)
+    try:
+        with ServerThread(app) as srv:
+            p = BackendPool([srv.url, f"http://127.0.0.1:{free_port()}"], client)
+            b, refused = p.backends
+            await p.poll_all()
+            assert b.up and b.models.keys() == {"m"}
+            assert not refused.up  # nothing listens there: down at once
+            app.delay_s = 0.5
+            for n in range(1, backends.SLOW_POLLS_BEFORE_DOWN):
+                await p.poll(b)
+                assert b.up and b.slow_polls == n
+            app.delay_s = 0.0
+            await p.poll(b)  # it answers in time again: the count starts over
+            assert b.up and b.slow_polls == 0
+            app.delay_s = 0.5
+            for _ in range(backends.SLOW_POLLS_BEFORE_DOWN):
+                await p.poll(b)
+            assert not b.up and "timed out" in (b.last_error or "")
+            app.delay_s = 0.0
+            await p.poll(b)
+            assert b.up
+    finally:
+        await client.close()
