@@ -322,7 +322,9 @@ class Gateway:
         p = ctx.principal
         u = usage or Usage(0, 0)
         self.metrics.request_done(
-            user=p.user if p else None, model=ctx.model, endpoint=ctx.endpoint,
+            # a name a client made up never becomes a label (bounded cardinality)
+            user=p.user if p else None, model=ctx.model if ctx.model_served else None,
+            endpoint=ctx.endpoint,
             priority=ctx.priority, status=status, prompt_tokens=u.prompt_tokens,
             completion_tokens=u.completion_tokens,
             ttft_s=ctx.ttft_ms / 1000 if ctx.ttft_ms is not None else None,

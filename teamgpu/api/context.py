@@ -15,7 +15,8 @@ class RequestCtx:
     client_addr: str | None
     started: float = field(default_factory=time.perf_counter)
     principal: Principal | None = None
-    model: str | None = None
+    model: str | None = None  # the name asked for until resolved, then the served name
+    model_served: bool = False  # ``model`` is a served model name (safe as a metric label)
     priority: str | None = None
     stream: bool = False
     backend: str | None = None

@@ -267,6 +267,7 @@ async def _forward(
             param="model",
         )
     ctx.model = served
+    ctx.model_served = True
     payload["model"] = served
     stream = payload.get("stream") is True and ctx.endpoint in GENERATIVE
     ctx.stream = stream

@@ -215,3 +215,19 @@ def test_metrics_endpoint_is_cheap(obs: Harness) -> None:
             assert c.get("/metrics").status_code == 200
         per_scrape_s = (time.perf_counter() - t0) / 20
     assert per_scrape_s < 0.05, per_scrape_s
+
+
+def test_a_made_up_model_name_never_becomes_a_label(obs: Harness) -> None:
+    """Label values are bounded: a client's model name is a label only once it resolved to
+    a served model; the audit row still says what was asked for."""
+    names = [f"attacker-{i}" for i in range(3)]
+    for name in names:
+        r = obs.client("user").post("/v1/chat/completions",
+                                    json={**CHAT, "model": name})
+        assert_openai_error(r, 404, code="model_not_found")
+        assert obs.wait_row(r.headers["x-request-id"])["model"] == name
+    t = scrape(obs)
+    assert not any("attacker" in line for line in t.splitlines()), \
+        [line for line in t.splitlines() if "attacker" in line][:3]
+    assert value(t, "teamgpu_requests_total", user="alice", model="unknown",
+                 endpoint="chat/completions", priority="none", status="404") >= 3
