@@ -95,6 +95,15 @@ def create(_settings_overrides: dict[str, Any], name: str, admin: bool, expires_
         _fail(exc)
         return
     _show_secret(secret, p, as_json, "Created")
+    now = datetime.now(UTC)
+    others = [k.key_id for k in ks.list(include_inactive=False)
+              if k.user == p.user and k.key_id != p.key_id and k.status(now) == "active"]
+    if others:
+        # stderr: the --json document on stdout stays one object
+        click.echo(f"Note: {p.user} now has {len(others) + 1} active keys ({', '.join(others)} "
+                   f"and {p.key_id}). Rate limits and quotas apply per key, fair share per "
+                   f"user. To replace a key instead, use `teamgpu keys rotate {p.user}`.",
+                   err=True)
 
 
 @keys_group.command("list")

@@ -100,3 +100,13 @@ def test_update_limits(data_dir: Path) -> None:
     (u,) = json.loads(run(data_dir, "keys", "update", "alice", "--rpm", "5",
                           "--default-priority", "batch", "--json").output)
     assert u["rpm"] == 5 and u["default_priority"] == "low"
+
+
+def test_a_second_key_for_a_user_says_limits_are_per_key(data_dir: Path) -> None:
+    first = json.loads(run(data_dir, "keys", "create", "bob", "--rpm", "60", "--json").stdout)
+    r = run(data_dir, "keys", "create", "bob", "--json")
+    second = json.loads(r.stdout)  # stdout stays one JSON object
+    assert first["id"] in r.stderr and second["id"] in r.stderr
+    assert "per key" in r.stderr and "keys rotate bob" in r.stderr
+    # a first key, or a key of another user, gets no note
+    assert run(data_dir, "keys", "create", "carol", "--json").stderr == ""
