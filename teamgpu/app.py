@@ -261,8 +261,7 @@ class Gateway:
                 secret = value.strip()
         if secret is None:
             secret = request.headers.get("x-api-key") or None
-        if secret is None:
-            await self.auth_throttle.record_failure(addr)
+        if secret is None:  # a misconfigured client, not a guess: not counted
             raise AuthenticationError(
                 "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 code="missing_api_key",
@@ -274,7 +273,11 @@ class Gateway:
             p = await asyncio.to_thread(self.keys.lookup, secret)
         status = "unknown" if p is None else p.status(datetime.now(UTC))
         if p is None or status != "active":
-            await self.auth_throttle.record_failure(addr)
+            if p is None:
+                # only a key that was never issued can be a guess; a revoked or expired
+                # key is a stale client (an IDE still set up with it), which must not
+                # lock out everyone behind the same address
+                await self.auth_throttle.record_failure(addr)
             raise AuthenticationError(INVALID_KEY_MESSAGES[status])
         if ctx is not None:
             ctx.principal = p

@@ -211,8 +211,8 @@ async def login(request: Request) -> Response:
 
     303 to ``/dashboard`` with the session cookie; the form again with 401 for a missing,
     unknown, expired or revoked key and 403 for a key that is not an admin key. Sign-ins
-    go through the same per-address failed-authentication throttle as the API: a missing
-    or invalid key counts as a failure, and an address over the limit gets the form with
+    go through the same per-address failed-authentication throttle as the API: a key
+    that was never issued counts as a failure, and an address over the limit gets the form with
     429 and ``Retry-After`` before its key is even looked at (docs/limits.md).
     """
     gw = _gw(request)
@@ -230,9 +230,10 @@ async def login(request: Request) -> Response:
     except GatewayError as exc:
         return _login_page(exc.message, exc.status)
     secret = form.get("key", "").strip()
-    p = (await asyncio.to_thread(gw.keys.verify, secret)) if secret else None
-    if p is None:
-        await gw.auth_throttle.record_failure(addr)
+    p = (await asyncio.to_thread(gw.keys.lookup, secret)) if secret else None
+    if p is None or p.status(datetime.now(UTC)) != "active":
+        if secret and p is None:  # a never-issued key: a guess (as on the API)
+            await gw.auth_throttle.record_failure(addr)
         return _login_page("That key is not valid (unknown, expired or revoked).", 401)
     if not p.is_admin:
         return _login_page("That key is not an admin key.", 403)

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,13 @@ import httpx
 import orjson
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import update
 
 from teamgpu.auth.keys import Principal
 from teamgpu.cli import main
 from teamgpu.limits import KeyLimits, LimitStatus, memory
 from teamgpu.limits.models import seconds_to_us
+from teamgpu.store.tables import api_keys
 from teamgpu.testing.fake_backend import MODEL, FakeBackend, ServerThread, prompt_token_count
 from teamgpu.testing.harness import Harness, assert_openai_error, start_gateway, wait_until
 
@@ -638,3 +641,29 @@ def test_concurrency_and_auth_refusals_are_audited_and_counted(h: Harness) -> No
     assert (row["status"], row["outcome"], row["user"], row["client_addr"]) == (
         429, "rate_limited", None, addr)
     assert _metric(h, "anonymous", "auth_failures") == before + 1
+
+
+def test_a_stale_key_does_not_lock_out_its_address(h: Harness) -> None:
+    """Revoked and expired keys (and requests without a key) get 401 but are not guesses:
+    an IDE still set up with an old key cannot lock out the valid keys of everyone
+    behind the same address. A never-issued key still counts."""
+    addr = "198.51.100.40"
+    revoked, r = new_key(h)
+    h.gw.keys.revoke(r.key_id)
+    expired, p = new_key(h)
+    with h.gw.store.begin() as conn:
+        conn.execute(update(api_keys).where(api_keys.c.id == p.key_id).values(
+            expires_at=datetime.now(UTC) - timedelta(minutes=1)))
+    anon = h.client(None)
+    for _ in range(4):  # 12 refusals, against a limit of 5 failures per minute
+        for headers in ({"Authorization": f"Bearer {revoked}"},
+                        {"Authorization": f"Bearer {expired}"}, {}):
+            assert anon.post(CHAT_PATH, json=chat(),
+                             headers={**_from(addr), **headers}).status_code == 401
+    assert h.client("user").post(CHAT_PATH, json=chat(), headers=_from(addr)).status_code \
+        == 200
+    for i in range(5):  # guesses still count
+        anon.post(CHAT_PATH, json=chat(),
+                  headers={**_from(addr), "Authorization": f"Bearer tg-stale-guess{i}"})
+    assert h.client("user").post(CHAT_PATH, json=chat(), headers=_from(addr)).status_code \
+        == 429
