@@ -83,8 +83,9 @@ def _duration(s: float) -> str:
     return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}h{m:02d}m{s:02d}s"
 
 
-def render_stats(data: dict[str, Any], url: str = "") -> RenderableType:
-    """One frame of ``teamgpu top`` from a ``/stats`` snapshot."""
+def render_stats(data: dict[str, Any], url: str = "", width: int | None = None) -> RenderableType:
+    """One frame of ``teamgpu top`` from a ``/stats`` snapshot; ``width`` (columns of the
+    terminal) below 100 puts the four tiles in two rows of two."""
     q = data["queue"]
     inflight = data["in_flight"]
     ttft = data["ttft"]
@@ -117,14 +118,17 @@ def render_stats(data: dict[str, Any], url: str = "") -> RenderableType:
     day.add_row("tokens", f"{today['total_tokens']:,}")
     day.add_row("errors", f"{today['errors']:,}")
 
-    tiles = Table.grid(padding=(0, 1), expand=True)
-    for _ in range(4):
-        tiles.add_column(ratio=1)
-    tiles.add_row(
+    panels = [
         Panel(queue, title="queue"), Panel(flight, title="in flight"),
         Panel(latency, title=f"TTFT {int(ttft['window_s'] // 60)} min"),
         Panel(day, title=f"today {today['date']}"),
-    )
+    ]
+    per_row = 2 if width is not None and width < 100 else 4
+    tiles = Table.grid(padding=(0, 1), expand=True)
+    for _ in range(per_row):
+        tiles.add_column(ratio=1)
+    for i in range(0, len(panels), per_row):
+        tiles.add_row(*panels[i:i + per_row])
 
     users = Table(title="top users today", title_justify="left", expand=True)
     users.add_column("user")
@@ -185,10 +189,22 @@ def top(url: str, key: str, interval: float, once: bool) -> None:
             data = fetch_stats(client, url, key)
         except StatsError as exc:
             raise click.ClickException(str(exc)) from None
-        if once:
-            console.print(render_stats(data, url))
+        if once or not console.is_terminal:
+            # one frame; without a terminal (a pipe, a log) a frame per poll, appended
+            console.print(render_stats(data, url, console.width))
+            try:
+                while not once:
+                    time.sleep(interval)
+                    try:
+                        data = fetch_stats(client, url, key)
+                    except StatsError as exc:
+                        console.print(Text(f"{datetime.now():%H:%M:%S}  {exc}", style="red"))
+                        continue
+                    console.print(render_stats(data, url, console.width))
+            except KeyboardInterrupt:
+                pass
             return
-        with Live(render_stats(data, url), console=console, screen=True,
+        with Live(render_stats(data, url, console.width), console=console, screen=True,
                   refresh_per_second=4) as live:
             try:
                 while True:
@@ -199,8 +215,8 @@ def top(url: str, key: str, interval: float, once: bool) -> None:
                         # keep showing the last good frame under the error
                         stamp = datetime.now().strftime("%H:%M:%S")
                         live.update(Group(Text(f"{stamp}  {exc}", style="red"),
-                                          render_stats(data, url)))
+                                          render_stats(data, url, console.width)))
                     else:
-                        live.update(render_stats(data, url))
+                        live.update(render_stats(data, url, console.width))
             except KeyboardInterrupt:
                 pass

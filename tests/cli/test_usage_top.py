@@ -241,3 +241,16 @@ def test_top_live_polls_until_interrupted(gw: Harness, monkeypatch: pytest.Monke
     r = run(top, "--url", gw.url, "--key", gw.admin_key, "--interval", "0.5")
     assert sleeps == [0.5, 0.5, 0.5] and len(polls) == 3
     assert r.exit_code == 0
+    # no terminal here (a pipe): each poll printed a frame instead of a blank screen
+    assert r.output.count("top users today") == 3
+
+
+def test_top_fits_an_80_column_terminal(gw: Harness) -> None:
+    from rich.console import Console
+
+    stats = gw.client("admin").get("/stats").json()
+    console = Console(width=80, record=True, color_system=None)
+    console.print(top_module.render_stats(stats, gw.url, 80))
+    text = console.export_text()
+    assert f"today {stats['today']['date']}" in text  # the whole date, not cut
+    assert max(len(line) for line in text.splitlines()) <= 80
