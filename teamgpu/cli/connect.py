@@ -110,7 +110,9 @@ def env_exports(base_url: str, key: str, ca_cert: Path | None = None) -> str:
 
 def curl_command(base_url: str, key: str, model: str, ca_cert: Path | None = None) -> str:
     """A streaming chat request with curl (``-N``: print each event as it arrives)."""
-    body = json.dumps({"model": model, "stream": True,
+    # temperature 0: a set-up check gives the same (greedy) answer every time; small
+    # models such as the demo model ramble at the default temperature
+    body = json.dumps({"model": model, "stream": True, "temperature": 0,
                        "messages": [{"role": "user", "content": QUESTION}]})
     parts = ["curl", "-sS", "-N"]
     if ca_cert:
@@ -134,7 +136,7 @@ def python_snippet(base_url: str, key: str, model: str, ca_cert: Path | None = N
         f"{imports}\n\n"
         f"client = OpenAI({client_args})\n"
         f"stream = client.chat.completions.create(\n"
-        f"    model={model!r}, stream=True,\n"
+        f"    model={model!r}, stream=True, temperature=0,\n"
         f"    messages=[{{\"role\": \"user\", \"content\": {QUESTION!r}}}])\n"
         f"for chunk in stream:\n"
         f"    if chunk.choices:\n"

@@ -47,7 +47,7 @@ def clean_env() -> dict[str, str]:
             and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
 
 
-def test_curl_form_streams_a_chat(gateway: Harness) -> None:
+def test_curl_form_streams_a_chat(gateway: Harness, fake: FakeBackend) -> None:
     cmd = printed("curl", *base(gateway))
     assert cmd.startswith("curl -sS -N ")
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, timeout=30, check=True,
@@ -56,14 +56,16 @@ def test_curl_form_streams_a_chat(gateway: Harness) -> None:
     assert events[-1] == b"data: [DONE]\n\n"
     first = json.loads(events[0][len(b"data: "):])
     assert first["object"] == "chat.completion.chunk" and first["model"] == MODEL
+    assert fake.requests[-1]["body"]["temperature"] == 0  # a repeatable check answer
 
 
-def test_python_form_runs(gateway: Harness) -> None:
+def test_python_form_runs(gateway: Harness, fake: FakeBackend) -> None:
     snippet = printed("python", *base(gateway))
     compile(snippet, "<snippet>", "exec")
     out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
                          timeout=60, check=True, env=clean_env()).stdout
     assert out.strip() == ("tok " * 4).strip()  # the fake's default answer
+    assert fake.requests[-1]["body"]["temperature"] == 0
 
 
 def test_env_form_sourced_then_sdk(gateway: Harness) -> None:
