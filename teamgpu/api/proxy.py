@@ -19,7 +19,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from teamgpu.api.context import RequestCtx
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 GENERATIVE = {"chat/completions", "completions"}
+NESTING_CHECK_BRACKETS = 200  # bodies with more brackets than this get the depth check
 
 
 class ClientDisconnected(Exception):
@@ -127,17 +128,21 @@ async def read_body(request: Request, limit: int) -> bytes:
 
     Raises:
         PayloadTooLarge: 413, by Content-Length or while reading.
+        ClientDisconnected: the client closed the connection mid-body (audit status 499).
     """
     cl = request.headers.get("content-length")
     if cl is not None and cl.isdigit() and int(cl) > limit:
         raise PayloadTooLarge(f"request body of {cl} bytes is over the limit of {limit} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left before sending the whole body (499)
+        raise ClientDisconnected() from None
     return b"".join(chunks)
 
 
@@ -146,7 +151,8 @@ def parse_json_object(request: Request, body: bytes) -> dict[str, Any]:
 
     Raises:
         UnsupportedMediaType: 415, a content type other than JSON.
-        InvalidJSON: 400, empty, malformed, invalid UTF-8 or lone surrogates, not an object.
+        InvalidJSON: 400, empty, malformed, invalid UTF-8 or lone surrogates, not an object,
+            or nested deeper than the gateway can forward (about 250 levels).
     """
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
@@ -161,6 +167,13 @@ def parse_json_object(request: Request, body: bytes) -> dict[str, Any]:
         raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidJSON("request body must be a JSON object")
+    if body.count(b"[") + body.count(b"{") > NESTING_CHECK_BRACKETS:
+        # the decoder takes 1,024 levels, the encoder that forwards the body about 250
+        try:
+            orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            raise InvalidJSON("request body is nested too deeply to forward (at most about "
+                              "250 levels of arrays and objects)") from None
     return data
 
 
@@ -186,12 +199,60 @@ def prompt_text(payload: dict[str, Any]) -> str | None:
     return None
 
 
-def requested_max_tokens(payload: dict[str, Any], default: int) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
-        v = payload.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return default
+def _positive_int(payload: dict[str, Any], key: str) -> int | None:
+    """``payload[key]`` when it is a positive integer, None when absent or null.
+
+    Raises:
+        BadRequest: 400 (param ``key``), any other value. The gateway must read these
+            fields exactly as the engine will, or a limit could be passed around.
+    """
+    v = payload.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise BadRequest(f"'{key}' must be an integer of at least 1, got {v!r}"[:300],
+                         param=key)
+    return v
+
+
+def check_stream_fields(payload: dict[str, Any]) -> None:
+    """``stream`` must be a boolean and ``stream_options`` an object, when given.
+
+    vLLM would take ``1``, ``"true"`` or ``"yes"`` for true: accepted here they would
+    stream without the gateway knowing, and so without its usage accounting.
+
+    Raises:
+        BadRequest: 400 (param ``stream`` or ``stream_options``).
+    """
+    v = payload.get("stream")
+    if v is not None and not isinstance(v, bool):
+        raise BadRequest(f"'stream' must be true or false, got {v!r}"[:300], param="stream")
+    so = payload.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise BadRequest("'stream_options' must be an object", param="stream_options")
+
+
+def requested_max_tokens(payload: dict[str, Any], default: int, endpoint: str) -> int:
+    """The most output tokens the request may produce, as vLLM reads the request.
+
+    Chat: ``max_completion_tokens``, else ``max_tokens``; completions: ``max_tokens``
+    only (the legacy API has no ``max_completion_tokens``). ``default`` when absent. Times
+    the number of sequences generated: ``n`` (and ``best_of`` on completions, if larger).
+
+    Raises:
+        BadRequest: 400, one of those fields is not a positive integer.
+    """
+    keys = ("max_completion_tokens", "max_tokens") if endpoint == "chat/completions" \
+        else ("max_tokens",)
+    per_sequence = default
+    for key in reversed(keys):  # validate each; the first in ``keys`` wins
+        v = _positive_int(payload, key)
+        if v is not None:
+            per_sequence = v
+    sequences = _positive_int(payload, "n") or 1
+    if endpoint == "completions":
+        sequences = max(sequences, _positive_int(payload, "best_of") or 1)
+    return per_sequence * sequences
 
 
 async def handle(request: Request, endpoint: str) -> Response | StreamRelay:
@@ -269,6 +330,7 @@ async def _forward(
     ctx.model = served
     ctx.model_served = True
     payload["model"] = served
+    check_stream_fields(payload)
     stream = payload.get("stream") is True and ctx.endpoint in GENERATIVE
     ctx.stream = stream
     ctx.priority = gw.request_priority(request, ctx.principal)
@@ -286,7 +348,7 @@ async def _forward(
             strip_usage = True
     principal = ctx.principal
     assert principal is not None
-    max_tokens = requested_max_tokens(payload, settings.default_max_tokens) \
+    max_tokens = requested_max_tokens(payload, settings.default_max_tokens, ctx.endpoint) \
         if ctx.endpoint in GENERATIVE else 0
     limits = gw.key_limits(principal)
     exact_prompt: int | None = None

@@ -667,3 +667,20 @@ def test_a_stale_key_does_not_lock_out_its_address(h: Harness) -> None:
                   headers={**_from(addr), "Authorization": f"Bearer tg-stale-guess{i}"})
     assert h.client("user").post(CHAT_PATH, json=chat(), headers=_from(addr)).status_code \
         == 429
+
+
+def test_the_reservation_reads_max_tokens_and_n_as_the_engine_does(h: Harness) -> None:
+    """Found by an adversarial trial: /v1/completions has no max_completion_tokens (vLLM
+    reads max_tokens there), and n sequences produce up to n times max_tokens. Reserving
+    less would let concurrent requests pass a TPM limit many times over."""
+    secret, _ = new_key(h, tpm=1000)
+    c = h.client(secret)
+    r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 600,
+                                        "max_completion_tokens": 1, "fake": {"tokens": 1}})
+    assert r.status_code == 200, r.text
+    # reserved 600 + the prompt, not 1 + the prompt
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) < 400
+    secret, _ = new_key(h, tpm=1000)
+    r = h.client(secret).post(CHAT_PATH, json={**chat(400), "n": 3})
+    err = assert_openai_error(r, 400, code="request_too_large", param="max_tokens")
+    assert "Limit 1000" in err["message"]  # 3 x 400 alone is over the limit

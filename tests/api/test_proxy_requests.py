@@ -194,3 +194,66 @@ def test_body_over_the_limit_by_one_byte(small_gateway: Harness, tmp_path: Path)
     assert c.post("/v1/chat/completions", content=exact, headers=JSON).status_code == 200
     over = big_chat(2 + pad)
     assert_openai_error(c.post("/v1/chat/completions", content=over, headers=JSON), 413)
+
+
+# --- fields the gateway must read exactly as the engine does (found by an adversarial
+# --- trial: a truthy non-boolean "stream" streamed past the usage accounting) ----------
+
+@pytest.mark.parametrize("value", [1, "true", "yes", 0, [], {}])
+def test_stream_must_be_a_boolean(gateway: Harness, client: httpx.Client, value: Any) -> None:
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": value})
+    assert_openai_error(r, 400, param="stream")
+    row = gateway.wait_row(r.headers["x-request-id"])
+    assert (row["status"], row["outcome"]) == (400, "bad_request")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", -1), ("max_tokens", 0), ("max_tokens", "900"), ("max_tokens", 900.0),
+    ("max_tokens", True), ("max_completion_tokens", "x"), ("n", 0), ("n", "2"),
+    ("stream_options", "yes"),
+])
+def test_token_and_sequence_fields_must_be_positive_integers(client: httpx.Client,
+                                                             field: str, value: Any) -> None:
+    r = client.post("/v1/chat/completions", json={**CHAT, field: value})
+    assert_openai_error(r, 400, param=field)
+
+
+def test_null_fields_are_absent_fields(client: httpx.Client, fake: FakeBackend) -> None:
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": None, "max_tokens": None,
+                                                  "n": None, "stream_options": None})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("depth", [260, 1000])
+def test_json_nested_deeper_than_the_gateway_forwards_is_400(gateway: Harness,
+                                                             client: httpx.Client,
+                                                             depth: int) -> None:
+    body = b'{"model": "' + MODEL.encode() + b'", "messages": [], "x": ' + \
+        b"[" * depth + b"]" * depth + b"}"
+    r = client.post("/v1/chat/completions", content=body, headers=JSON)
+    err = assert_openai_error(r, 400, code="invalid_json")
+    assert "nested too deeply" in err["message"]
+    assert gateway.wait_row(r.headers["x-request-id"])["status"] == 400
+
+
+def test_many_brackets_but_shallow_nesting_is_fine(client: httpx.Client) -> None:
+    r = client.post("/v1/chat/completions", json={**CHAT, "x": [[i] for i in range(300)]})
+    assert r.status_code == 200, r.text
+
+
+def test_a_client_that_leaves_while_sending_the_body_is_a_499_row(gateway: Harness) -> None:
+    """Headers with a Content-Length, part of the body, then the connection closes: the
+    row says client_disconnected (499), not a gateway error."""
+    import socket
+    import time
+
+    host, port = gateway.url.removeprefix("http://").split(":")
+    rid = "req-left-mid-body"
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {gateway.user_key}\r\n"
+                   f"Content-Type: application/json\r\nX-Request-Id: {rid}\r\n"
+                   f"Content-Length: 1000\r\n\r\n" + '{"model": "').encode())
+        time.sleep(0.3)
+    row = gateway.wait_row(rid)
+    assert (row["status"], row["outcome"]) == (499, "client_disconnected"), row
