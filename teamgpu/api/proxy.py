@@ -382,6 +382,9 @@ async def _forward(
         ctx.queue_ms = lease.wait_s * 1000.0
         if ctx.endpoint in GENERATIVE and gw.send_priority_field:
             payload["priority"] = int(lease.priority)  # vLLM serves lower values first
+        else:
+            # a client's own vLLM priority would skip the key's ceiling
+            payload.pop("priority", None)
         result = await _send(gw, guard, ctx, payload, served, strip_usage, extra_headers,
                              lease, reservation)
         if isinstance(result, tuple):

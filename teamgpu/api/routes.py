@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from teamgpu.api import proxy
-from teamgpu.api.errors import json_response
-from teamgpu.errors import ModelNotFound, ServiceUnavailable
+from teamgpu.api.context import RequestCtx
+from teamgpu.api.errors import error_response, json_response
+from teamgpu.errors import GatewayError, ModelNotFound, ServiceUnavailable
 
 if TYPE_CHECKING:
     from teamgpu.app import Gateway
@@ -34,13 +35,8 @@ async def embeddings(request: Request) -> Response | StreamRelay:
     return await proxy.handle(request, "embeddings")
 
 
-async def models(request: Request) -> Response:
-    """``GET /v1/models``: exactly the names this key may use (served names, then aliases).
-
-    401 without a valid key.
-    """
-    gw = _gw(request)
-    await gw.authenticate(request)
+def _listing(gw: Gateway) -> list[dict[str, Any]]:
+    """The model cards a key may use: served names, then aliases."""
     data: list[dict[str, Any]] = []
     served = gw.pool.served_names()
     for name in gw.pool.names_for_clients():
@@ -52,25 +48,53 @@ async def models(request: Request) -> Response:
         card.setdefault("object", "model")
         card.setdefault("owned_by", "teamgpu")
         data.append(card)
-    return json_response({"object": "list", "data": data})
+    return data
+
+
+async def _audited(request: Request, endpoint: str,
+                   answer: Callable[[Gateway], Response]) -> Response:
+    """Authenticate, answer, and write the request's one audit row (refusals included:
+    a guessed key on ``/v1/models`` leaves a trace like one on a completion)."""
+    gw = _gw(request)
+    ctx = RequestCtx(request_id=request.scope["state"]["request_id"], endpoint=endpoint,
+                     client_addr=gw.client_addr(request))
+    try:
+        await gw.authenticate(request, ctx)
+        response = answer(gw)
+    except GatewayError as exc:
+        await gw.record(ctx, status=exc.status, outcome=exc.outcome, error=exc.message)
+        return error_response(exc)
+    await gw.record(ctx, status=response.status_code, outcome="ok")
+    return response
+
+
+async def models(request: Request) -> Response:
+    """``GET /v1/models``: exactly the names this key may use (served names, then aliases).
+
+    401 without a valid key. One audit row (endpoint ``models``).
+    """
+    return await _audited(request, "models",
+                          lambda gw: json_response({"object": "list", "data": _listing(gw)}))
 
 
 async def model(request: Request) -> Response:
     """``GET /v1/models/{model}``: one model card, as ``/v1/models`` lists it.
 
     401 without a valid key; 404 ``model_not_found`` (param ``model``) for a name this
-    key may not use.
+    key may not use. One audit row (endpoint ``models``).
     """
-    gw = _gw(request)
-    await gw.authenticate(request)
     name = request.path_params["model"]
-    listing = orjson.loads((await models(request)).body)["data"]
-    for card in listing:
-        if card["id"] == name:
-            return json_response(card)
-    raise ModelNotFound(
-        f"The model {name!r} does not exist or is not served here. Models available to "
-        f"this key: {', '.join(c['id'] for c in listing) or '(none)'}", param="model")
+
+    def answer(gw: Gateway) -> Response:
+        listing = _listing(gw)
+        for card in listing:
+            if card["id"] == name:
+                return json_response(card)
+        raise ModelNotFound(
+            f"The model {name!r} does not exist or is not served here. Models available "
+            f"to this key: {', '.join(c['id'] for c in listing) or '(none)'}", param="model")
+
+    return await _audited(request, "models", answer)
 
 
 async def healthz(request: Request) -> Response:

@@ -118,6 +118,7 @@ class StreamRelay:
             # the handler task itself was cancelled: the server stopping past its grace
             # period (a client that leaves is seen by ``watch`` above, not as a cancel)
             self.outcome = "gateway_stopped"
+            self.error = "the gateway stopped before the stream was complete"
             pump.cancel()
             watch.cancel()
             raise

@@ -134,3 +134,20 @@ def test_a_request_cut_by_the_server_stopping_keeps_its_row(
         assert rows[0]["outcome"] == "gateway_stopped"
         assert rows[0]["status"] == (200 if stream else 503)
         assert rows[0]["total_ms"] < 5000
+        assert "gateway stopped" in rows[0]["error"]
+
+
+def test_model_listing_is_audited_refusals_included(gateway: Harness) -> None:
+    """/v1/models and /v1/models/{id} write one row each, like the other /v1 routes, so a
+    guessed key there leaves a trace too."""
+    ok = gateway.client("user").get("/v1/models")
+    assert ok.status_code == 200
+    card = gateway.client("user").get(f"/v1/models/{MODEL}")
+    missing = gateway.client("user").get("/v1/models/nope")
+    guess = gateway.client("tg-guessed").get("/v1/models")
+    rows = {name: gateway.wait_row(r.headers["x-request-id"])
+            for name, r in (("ok", ok), ("card", card), ("missing", missing), ("guess", guess))}
+    assert {k: (v["endpoint"], v["status"], v["outcome"], v["user"]) for k, v in rows.items()} \
+        == {"ok": ("models", 200, "ok", "alice"), "card": ("models", 200, "ok", "alice"),
+            "missing": ("models", 404, "not_found", "alice"),
+            "guess": ("models", 401, "unauthorized", None)}

@@ -257,3 +257,14 @@ def test_a_client_that_leaves_while_sending_the_body_is_a_499_row(gateway: Harne
         time.sleep(0.3)
     row = gateway.wait_row(rid)
     assert (row["status"], row["outcome"]) == (499, "client_disconnected"), row
+
+
+def test_a_client_priority_field_on_embeddings_does_not_reach_the_engine(
+        client: httpx.Client, fake: FakeBackend) -> None:
+    """vLLM's own ``priority`` field would let a client skip its key's ceiling; on the
+    generative routes the gateway sets it, elsewhere it removes it."""
+    r = client.post("/v1/embeddings", json={"model": MODEL, "input": "hi", "priority": -100})
+    assert r.status_code == 200, r.text
+    assert "priority" not in backend_request(fake, r)["body"]
+    r = client.post("/v1/chat/completions", json={**CHAT, "priority": -100})
+    assert backend_request(fake, r)["body"]["priority"] == 1  # the key's default: normal
