@@ -204,14 +204,13 @@ def error_from_stream_start(body: bytes) -> tuple[int, bytes]:
     exactly OpenAI's four keys, ``code`` a string or null.
     """
     message: Any = None
-    err_type: Any = None
     param: Any = None
     code: Any = None
     try:
         obj = orjson.loads(body)
         err = obj.get("error", obj) if isinstance(obj, dict) else None
         if isinstance(err, dict):
-            message, err_type = err.get("message"), err.get("type")
+            message = err.get("message")
             param, code = err.get("param"), err.get("code")
         elif isinstance(err, str):
             message = err
@@ -225,9 +224,11 @@ def error_from_stream_start(body: bytes) -> tuple[int, bytes]:
     if status >= 500:
         return status, error_json(f"backend failed: {message}", "server_error", None,
                                   "backend_error")
+    # vLLM names its errors after exceptions ("BadRequestError"); clients expect OpenAI's
+    # types, as on the non-streaming path
     return status, error_json(
         message,
-        err_type if isinstance(err_type, str) and err_type else "invalid_request_error",
+        "invalid_request_error",
         param if isinstance(param, str) else None,
         code if isinstance(code, str) else "invalid_request",
     )

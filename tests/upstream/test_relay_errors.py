@@ -17,14 +17,15 @@ def shape(body: bytes) -> dict[str, object]:
     return obj["error"]  # type: ignore[no-any-return]
 
 
-def test_vllm_error_event_keeps_its_4xx_status() -> None:
+def test_vllm_error_event_keeps_its_4xx_status_with_openais_type() -> None:
     body = orjson.dumps({"error": {"message": "top_p must be in (0, 1]",
                                    "type": "BadRequestError", "param": "top_p", "code": 400}})
     status, out = error_from_stream_start(body)
     err = shape(out)
     assert status == 400
+    # vLLM's exception name becomes OpenAI's type, as on the non-streaming path
     assert (err["message"], err["type"], err["param"]) == ("top_p must be in (0, 1]",
-                                                           "BadRequestError", "top_p")
+                                                           "invalid_request_error", "top_p")
 
 
 @pytest.mark.parametrize("code, status", [(404, 404), (422, 422), (500, 502), (503, 502),
