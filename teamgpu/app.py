@@ -245,14 +245,9 @@ class Gateway:
         """The key's principal, from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
 
         Raises:
+            RateLimited: 429, the client's address made too many failed attempts.
             AuthenticationError: 401, missing, unknown, expired or revoked key.
         """
-        addr = self.client_addr(request) or "unknown"
-        try:
-            await self.auth_throttle.check(addr)
-        except RateLimited:
-            self.metrics.rate_limited(user=None, limit="auth_failures")
-            raise
         secret = None
         auth = request.headers.get("authorization")
         if auth:
@@ -261,7 +256,30 @@ class Gateway:
                 secret = value.strip()
         if secret is None:
             secret = request.headers.get("x-api-key") or None
-        if secret is None:  # a misconfigured client, not a guess: not counted
+        p = await self.verify_secret(secret, self.client_addr(request) or "unknown")
+        if ctx is not None:
+            ctx.principal = p
+        return p
+
+    async def verify_secret(self, secret: str | None, addr: str) -> Principal:
+        """The active key ``secret``, checked through the per-address failed-authentication
+        throttle (docs/limits.md). The API and the dashboard's sign-in form both use it.
+
+        Only a key that was never issued counts as a failure: a revoked or expired key is a
+        stale client (an IDE still set up with it), and no key at all is a misconfigured
+        one; counting those would lock out everyone behind the same address.
+
+        Raises:
+            RateLimited: 429, ``addr`` made too many failed attempts; the key is not
+                looked at.
+            AuthenticationError: 401, missing, unknown, expired or revoked key.
+        """
+        try:
+            await self.auth_throttle.check(addr)
+        except RateLimited:
+            self.metrics.rate_limited(user=None, limit="auth_failures")
+            raise
+        if secret is None:
             raise AuthenticationError(
                 "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 code="missing_api_key",
@@ -274,13 +292,8 @@ class Gateway:
         status = "unknown" if p is None else p.status(datetime.now(UTC))
         if p is None or status != "active":
             if p is None:
-                # only a key that was never issued can be a guess; a revoked or expired
-                # key is a stale client (an IDE still set up with it), which must not
-                # lock out everyone behind the same address
                 await self.auth_throttle.record_failure(addr)
             raise AuthenticationError(INVALID_KEY_MESSAGES[status])
-        if ctx is not None:
-            ctx.principal = p
         return p
 
     async def require_admin(self, request: Request) -> Principal:

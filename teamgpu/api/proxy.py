@@ -255,15 +255,18 @@ def requested_max_tokens(payload: dict[str, Any], default: int, endpoint: str) -
     return per_sequence * sequences
 
 
+def request_ctx(gw: Gateway, request: Request, endpoint: str) -> RequestCtx:
+    """The context of one request to ``endpoint``: its id (set by the request-id
+    middleware) and the client's address (X-Forwarded-For only when trusted)."""
+    return RequestCtx(request_id=request.scope["state"]["request_id"], endpoint=endpoint,
+                      client_addr=gw.client_addr(request))
+
+
 async def handle(request: Request, endpoint: str) -> Response | StreamRelay:
     """Serve one OpenAI request on ``endpoint`` (``chat/completions``, ``completions`` or
     ``embeddings``). Errors come back in OpenAI's shape; see :mod:`teamgpu.errors`."""
     gw: Gateway = request.app.state.gw
-    ctx = RequestCtx(
-        request_id=request.scope["state"]["request_id"],
-        endpoint=endpoint,
-        client_addr=gw.client_addr(request),
-    )
+    ctx = request_ctx(gw, request, endpoint)
     extra_headers: dict[str, str] = {}
     guard = DisconnectGuard(request)
     try:

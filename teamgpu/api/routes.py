@@ -10,7 +10,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from teamgpu.api import proxy
-from teamgpu.api.context import RequestCtx
 from teamgpu.api.errors import error_response, json_response
 from teamgpu.errors import GatewayError, ModelNotFound, ServiceUnavailable
 
@@ -56,8 +55,7 @@ async def _audited(request: Request, endpoint: str,
     """Authenticate, answer, and write the request's one audit row (refusals included:
     a guessed key on ``/v1/models`` leaves a trace like one on a completion)."""
     gw = _gw(request)
-    ctx = RequestCtx(request_id=request.scope["state"]["request_id"], endpoint=endpoint,
-                     client_addr=gw.client_addr(request))
+    ctx = proxy.request_ctx(gw, request, endpoint)
     try:
         await gw.authenticate(request, ctx)
         response = answer(gw)

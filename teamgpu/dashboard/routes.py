@@ -30,7 +30,6 @@ Routes (``ROUTES``, plus the static files from :func:`mounts`)::
 
 from __future__ import annotations
 
-import asyncio
 import html
 import secrets
 import time
@@ -211,30 +210,24 @@ async def login(request: Request) -> Response:
 
     303 to ``/dashboard`` with the session cookie; the form again with 401 for a missing,
     unknown, expired or revoked key and 403 for a key that is not an admin key. Sign-ins
-    go through the same per-address failed-authentication throttle as the API: a key
-    that was never issued counts as a failure, and an address over the limit gets the form with
-    429 and ``Retry-After`` before its key is even looked at (docs/limits.md).
+    go through the same per-address failed-authentication throttle as the API
+    (:meth:`Gateway.verify_secret`): a key that was never issued counts as a failure, and
+    an address over the limit gets the form with 429 and ``Retry-After`` before its key is
+    even looked at (docs/limits.md).
     """
     gw = _gw(request)
-    addr = gw.client_addr(request) or "unknown"
-    try:
-        await gw.auth_throttle.check(addr)
-    except GatewayError as exc:  # RateLimited (429), or the throttle's store down (503)
-        if exc.status == 429:
-            gw.metrics.rate_limited(user=None, limit="auth_failures")
-        r = _login_page(exc.message, exc.status)
-        r.headers.update(exc.headers)
-        return r
     try:
         form = await _read_form(request)
     except GatewayError as exc:
         return _login_page(exc.message, exc.status)
-    secret = form.get("key", "").strip()
-    p = (await asyncio.to_thread(gw.keys.lookup, secret)) if secret else None
-    if p is None or p.status(datetime.now(UTC)) != "active":
-        if secret and p is None:  # a never-issued key: a guess (as on the API)
-            await gw.auth_throttle.record_failure(addr)
-        return _login_page("That key is not valid (unknown, expired or revoked).", 401)
+    try:
+        p = await gw.verify_secret(form.get("key", "").strip() or None,
+                                   gw.client_addr(request) or "unknown")
+    except GatewayError as exc:  # 401 not a valid key; 429 the address is throttled
+        r = _login_page("That key is not valid (unknown, expired or revoked)."
+                        if exc.status == 401 else exc.message, exc.status)
+        r.headers.update(exc.headers)
+        return r
     if not p.is_admin:
         return _login_page("That key is not an admin key.", 403)
     s = session_store(request).create(p.key_id, p.user, time.monotonic())
