@@ -20,7 +20,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, Engine, and_, case, func, select
 
 from teamgpu.metrics.ttft import nearest_rank
-from teamgpu.store.tables import usage
+from teamgpu.store.tables import LISTING_ENDPOINTS, usage
 
 __all__ = ["GroupBy", "UsageGroup", "parse_since", "start_of_day", "usage_report"]
 
@@ -126,7 +126,8 @@ def usage_report(
     until: datetime | None = None,
     with_ttft: bool = True,
 ) -> list[UsageGroup]:
-    """Usage grouped by user, UTC day or model, for ``since <= ts < until``.
+    """Usage grouped by user, UTC day or model, for ``since <= ts < until``; model
+    listings (``/v1/models``) are audited but are not usage, and are left out.
 
     Args:
         engine: The store.
@@ -152,7 +153,7 @@ def usage_report(
         func.coalesce(func.sum(usage.c.prompt_tokens), 0),
         func.coalesce(func.sum(usage.c.completion_tokens), 0),
         func.coalesce(func.sum(case((usage.c.status >= 400, 1), else_=0)), 0),
-    ).group_by(key)
+    ).where(usage.c.endpoint.not_in(LISTING_ENDPOINTS)).group_by(key)
     if cond is not None:
         q = q.where(cond)
     with engine.connect() as conn:

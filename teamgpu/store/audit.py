@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
 
-from teamgpu.store.tables import usage
+from teamgpu.store.tables import LISTING_ENDPOINTS, usage
 
 log = logging.getLogger("teamgpu.audit")
 
@@ -157,7 +157,7 @@ class AuditLog:
 def usage_totals(engine: Engine, since: datetime | None = None,
                  until: datetime | None = None) -> dict[str, Any]:
     """Total requests, and per user: requests, prompt and completion tokens, of the rows
-    with ``since <= ts < until`` (either bound optional).
+    with ``since <= ts < until`` (either bound optional); model listings are not counted.
 
     Returns:
         ``{"requests": int, "users": {user: {"requests", "prompt_tokens",
@@ -168,7 +168,7 @@ def usage_totals(engine: Engine, since: datetime | None = None,
         func.count(),
         func.coalesce(func.sum(usage.c.prompt_tokens), 0),
         func.coalesce(func.sum(usage.c.completion_tokens), 0),
-    ).group_by(usage.c.user)
+    ).where(usage.c.endpoint.not_in(LISTING_ENDPOINTS)).group_by(usage.c.user)
     if since is not None:
         q = q.where(usage.c.ts >= since)
     if until is not None:

@@ -68,3 +68,8 @@ usage = Table(
     Index("ix_usage_ts", "ts"),
     Index("ix_usage_user_ts", "user", "ts"),
 )
+
+
+LISTING_ENDPOINTS = ("models",)
+"""Endpoints whose rows are kept for the audit trail but are not usage: usage reports,
+``/stats`` and the dashboard count inference requests (chat, completions, embeddings)."""

@@ -151,3 +151,15 @@ def test_model_listing_is_audited_refusals_included(gateway: Harness) -> None:
         == {"ok": ("models", 200, "ok", "alice"), "card": ("models", 200, "ok", "alice"),
             "missing": ("models", 404, "not_found", "alice"),
             "guess": ("models", 401, "unauthorized", None)}
+    # kept for the audit trail, but listing models is not usage: reports leave it out
+    from teamgpu.metrics.usage_report import usage_report
+    from teamgpu.store.audit import usage_totals
+
+    ids = {r["request_id"] for r in rows.values()}
+    assert len(ids) == 4
+    gateway.flush()
+    all_rows = gateway.rows()
+    inference = [r for r in all_rows if r["endpoint"] != "models"]
+    assert len(inference) < len(all_rows)
+    assert usage_totals(gateway.gw.store)["requests"] == len(inference)
+    assert sum(g.requests for g in usage_report(gateway.gw.store)) == len(inference)
