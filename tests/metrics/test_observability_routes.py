@@ -136,7 +136,9 @@ def test_stats_reports_today_per_user_from_the_audit_log(obs: Harness) -> None:
     assert s["users_today"]["bob"]["requests"] == 1
     assert next(iter(s["users_today"])) == "alice"  # most tokens first
     rows = obs.rows()
-    assert s["today"]["requests"] == len(rows) == s["requests_total"]
+    assert [r["status"] for r in rows if r["endpoint"] == "models"] == [401]  # audited...
+    rows = [r for r in rows if r["endpoint"] != "models"]  # ...but not usage
+    assert s["today"]["requests"] == len(rows) == s["requests_total"] == 5
     assert s["today"]["total_tokens"] == sum(r["prompt_tokens"] + r["completion_tokens"]
                                              for r in rows)
     assert s["today"]["date"] == datetime.now(UTC).date().isoformat()
