@@ -46,7 +46,7 @@ from teamgpu.scheduler import (
     PriorityClass,
 )
 from teamgpu.settings import Settings
-from teamgpu.store.audit import AuditLog, UsageRow
+from teamgpu.store.audit import AuditLog, UsageRow, UsageTotalsCache
 from teamgpu.store.db import open_store
 from teamgpu.upstream.backends import BackendPool
 from teamgpu.upstream.client import UpstreamClient
@@ -93,6 +93,7 @@ class Gateway:
         self.store = store if store is not None else open_store(settings.db_url)
         self.keys = KeyStore(self.store)
         self._sqlite = self.store.url.get_backend_name() == "sqlite"
+        self.usage_totals = UsageTotalsCache(self.store)  # /stats all-time totals
         self.send_priority_field = True
         self.started_at = datetime.now(UTC)
         self.audit: AuditLog

@@ -35,7 +35,6 @@ from teamgpu.metrics.gpu import NvmlSampler
 from teamgpu.metrics.prometheus import PRIORITIES, GatewayMetrics
 from teamgpu.metrics.ttft import nearest_rank
 from teamgpu.metrics.usage_report import start_of_day, usage_report
-from teamgpu.store.audit import UsageTotalsCache
 
 if TYPE_CHECKING:
     from teamgpu.app import Gateway
@@ -202,17 +201,9 @@ async def stats_snapshot(gw: Gateway, *, now: datetime | None = None) -> dict[st
     }
 
 
-def _totals_cache(gw: Gateway) -> UsageTotalsCache:
-    cache: UsageTotalsCache | None = getattr(gw, "usage_totals_cache", None)
-    if cache is None or cache.engine is not gw.store:
-        cache = UsageTotalsCache(gw.store)
-        gw.usage_totals_cache = cache  # type: ignore[attr-defined]
-    return cache
-
-
 def _read_store(gw: Gateway, midnight: datetime) -> tuple[dict[str, Any], list[Any]]:
     """All-time totals per user and today's usage per user (runs in a worker thread)."""
-    totals = _totals_cache(gw).get()
+    totals = gw.usage_totals.get()
     today = usage_report(gw.store, by="user", since=midnight, with_ttft=False)
     return totals, today
 

@@ -95,9 +95,8 @@ def create(_settings_overrides: dict[str, Any], name: str, admin: bool, expires_
         _fail(exc)
         return
     _show_secret(secret, p, as_json, "Created")
-    now = datetime.now(UTC)
     others = [k.key_id for k in ks.list(include_inactive=False)
-              if k.user == p.user and k.key_id != p.key_id and k.status(now) == "active"]
+              if k.user == p.user and k.key_id != p.key_id]
     if others:
         # stderr: the --json document on stdout stays one object
         click.echo(f"Note: {p.user} now has {len(others) + 1} active keys ({', '.join(others)} "

@@ -34,7 +34,7 @@ from teamgpu.auth.keys import KeyStore
 from teamgpu.store.db import open_store
 from teamgpu.testing.fake_backend import ServerThread, free_port
 from teamgpu.testing.harness import assert_openai_error, start_gateway, wait_until
-from tests.api.test_limits_http import PROMPT, chat  # one request shape for both files
+from tests.api.test_limits_http import PROMPT, chat, post  # one request shape for both
 
 pytestmark = pytest.mark.services
 
@@ -154,14 +154,6 @@ def fire(rep: Replicas, secret: str, bodies: list[dict[str, Any]]) -> list[httpx
                 await c.aclose()
 
     return asyncio.run(run())
-
-
-def post(c: httpx.Client, body: dict[str, Any], **kw: Any) -> httpx.Response:
-    if body.get("stream"):
-        with c.stream("POST", CHAT_PATH, json=body, **kw) as r:
-            r.read()
-        return r
-    return c.post(CHAT_PATH, json=body, **kw)
 
 
 # --- two gateways, one limit -------------------------------------------------------------------
