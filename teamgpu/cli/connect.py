@@ -35,6 +35,7 @@ from teamgpu.clientbench import BenchError, normalize_base_url
 
 TARGETS = ("continue", "env", "curl", "python")
 QUESTION = "What is the capital of France?"
+EXAMPLE_MAX_TOKENS = 64  # every example sets it (the README's, up's banner, connect's)
 
 
 def fetch_models(base_url: str, key: str, ca_cert: Path | None = None) -> list[str]:
@@ -111,8 +112,10 @@ def env_exports(base_url: str, key: str, ca_cert: Path | None = None) -> str:
 def curl_command(base_url: str, key: str, model: str, ca_cert: Path | None = None) -> str:
     """A streaming chat request with curl (``-N``: print each event as it arrives)."""
     # temperature 0: a set-up check gives the same (greedy) answer every time; small
-    # models such as the demo model ramble at the default temperature
+    # models such as the demo model ramble at the default temperature. max_tokens: a
+    # model that goes wrong stops after a line instead of running to its context limit
     body = json.dumps({"model": model, "stream": True, "temperature": 0,
+                       "max_tokens": EXAMPLE_MAX_TOKENS,
                        "messages": [{"role": "user", "content": QUESTION}]})
     parts = ["curl", "-sS", "-N"]
     if ca_cert:
@@ -136,7 +139,7 @@ def python_snippet(base_url: str, key: str, model: str, ca_cert: Path | None = N
         f"{imports}\n\n"
         f"client = OpenAI({client_args})\n"
         f"stream = client.chat.completions.create(\n"
-        f"    model={model!r}, stream=True, temperature=0,\n"
+        f"    model={model!r}, stream=True, temperature=0, max_tokens={EXAMPLE_MAX_TOKENS},\n"
         f"    messages=[{{\"role\": \"user\", \"content\": {QUESTION!r}}}])\n"
         f"for chunk in stream:\n"
         f"    if chunk.choices:\n"

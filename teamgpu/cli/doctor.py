@@ -54,6 +54,7 @@ import click
 import httpx
 
 from teamgpu.cli.common import load_settings, settings_options
+from teamgpu.engine.supervisor import engine_arg
 from teamgpu.settings import Settings, default_cache_dir
 
 GIB = 1024**3
@@ -220,18 +221,6 @@ def estimate_memory(spec: ModelSpec, gpu_bytes: int, max_model_len: int,
     tokens = max(kv, 0) // spec.kv_bytes_per_token if spec.kv_bytes_per_token else 0
     return MemoryEstimate(budget, spec.weights_bytes, kv, tokens,
                           tokens / max_model_len if max_model_len else 0.0)
-
-
-def engine_arg(args: list[str], flag: str) -> str | None:
-    """The value of ``flag`` in vLLM-style args (``--f v`` or ``--f=v``; ``_`` = ``-``)."""
-    want = flag.replace("_", "-")
-    for i, a in enumerate(args):
-        name, eq, value = a.partition("=")
-        if name.replace("_", "-") == want:
-            if eq:
-                return value
-            return args[i + 1] if i + 1 < len(args) else None
-    return None
 
 
 def find_model_folder(model: str | None) -> Path | None:

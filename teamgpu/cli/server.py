@@ -56,13 +56,14 @@ def _first_run_key(settings: Settings, keys: KeyStore, model: str | None = None)
         "Try it with curl:\n"
         f"  curl {base}/chat/completions -H 'Authorization: Bearer {secret}' \\\n"
         "    -H 'Content-Type: application/json' \\\n"
-        f"    -d '{{\"model\": \"{model_name}\", \"temperature\": 0, \"messages\": "
+        f"    -d '{{\"model\": \"{model_name}\", \"temperature\": 0, \"max_tokens\": 64, "
+        "\"messages\": "
         "[{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n\n"
         "Or with the OpenAI SDK:\n"
         f"  export OPENAI_BASE_URL={base}\n"
         f"  export OPENAI_API_KEY={secret}\n"
         "  python -c \"from openai import OpenAI; c = OpenAI(); "
-        f"print(c.chat.completions.create(model='{model_name}', temperature=0, "
+        f"print(c.chat.completions.create(model='{model_name}', temperature=0, max_tokens=64, "
         "messages=[{'role': 'user', 'content': 'What is the capital of France?'}])"
         ".choices[0].message.content)\"\n"
         + ("" if model else "(MODEL: a name that GET /v1/models lists)"),
@@ -134,12 +135,10 @@ VLLM_DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default on a GPU when --max-num-seqs i
 
 def engine_max_num_seqs(argv: list[str]) -> int:
     """The ``--max-num-seqs`` of an engine command line (vLLM's default if absent)."""
-    for i, arg in enumerate(argv):
-        if arg == "--max-num-seqs" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--max-num-seqs="):
-            return int(arg.split("=", 1)[1])
-    return VLLM_DEFAULT_MAX_NUM_SEQS
+    from teamgpu.engine.supervisor import engine_arg
+
+    value = engine_arg(argv, "--max-num-seqs")
+    return int(value) if value is not None else VLLM_DEFAULT_MAX_NUM_SEQS
 
 
 def demo_model_dir() -> Path:
@@ -193,7 +192,41 @@ def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name
     sys.exit(code)
 
 
+async def _sanity_check(base_url: str, served: str, spec: Any) -> None:
+    """Ask the engine the sanity question and say loudly when its answer is wrong.
+
+    A wrong answer does not stop ``up`` (the team may still want the server), but it is
+    printed in a red box with the likely cause: numerics (bf16 kernels on this CPU) for a
+    model that should know the answer.
+    """
+    from teamgpu.engine.demo import SANITY_QUESTION, ask_sanity_question
+    from teamgpu.engine.supervisor import engine_arg
+
+    result = await ask_sanity_question(base_url, served)
+    if result.ok:
+        console.print(f"sanity check: {SANITY_QUESTION!r} -> {result.answer.strip()!r}",
+                      highlight=False)
+        return
+    if result.error is not None:
+        console.print(f"[yellow]sanity check skipped:[/] could not ask {SANITY_QUESTION!r}: "
+                      f"{result.error}", highlight=False)
+        return
+    dtype = engine_arg(spec.args, "--dtype") or "auto"
+    console.rule("[bold red]WRONG ANSWER FROM THE MODEL", style="red")
+    console.print(
+        f"[bold red]Asked {SANITY_QUESTION!r} (temperature 0), the model answered:[/]\n"
+        f"  {result.answer.strip()[:300]!r}\n"
+        f"The engine runs with --dtype {dtype}. A small model on a CPU can answer nonsense "
+        "in bf16 (the result depends on the CPU's bf16 kernels): try "
+        "--engine-arg=--dtype=float32. The server keeps running.",
+        highlight=False, soft_wrap=True)
+    console.rule(style="red")
+    logging.getLogger("teamgpu.engine").warning(
+        "sanity check failed: %r answered %r", SANITY_QUESTION, result.answer[:300])
+
+
 async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
+    from teamgpu.engine.demo import demo_engine_args
     from teamgpu.engine.errors import EngineStartError
     from teamgpu.engine.supervisor import EngineSpec, EngineSupervisor, build_command, free_port
 
@@ -201,7 +234,8 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
     device = "cuda" if has_cuda_gpu() else "cpu"
     spec = EngineSpec(
         python=py, model=model_path, served_model_name=served,
-        port=s.engine_port or free_port(), args=tuple(s.engine_args),
+        port=s.engine_port or free_port(),
+        args=demo_engine_args(model_path, device, tuple(s.engine_args)),
         env={"VLLM_CPU_KVCACHE_SPACE": "1"} if device == "cpu" else {},
         log_path=s.data_dir / "engine.log", device=device,
     )
@@ -259,6 +293,7 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
             status.stop()
         console.print(f"vLLM ready on {sup.base_url} (private), model {served!r}; "
                       f"log: {spec.log_path}")
+        await _sanity_check(sup.base_url, served, spec)
         s.backends = [sup.base_url]
         gw_started = True
         app = create_app(s, gateway=gw)

@@ -46,6 +46,7 @@ __all__ = [
     "EngineState",
     "EngineSupervisor",
     "build_command",
+    "engine_arg",
     "free_port",
 ]
 
@@ -59,11 +60,9 @@ DEFAULT_ARGS = (("--scheduling-policy", "priority"),)
 # On the CPU (the only device of the test machines) a short context and a small batch
 # keep memory and start-up time down; a GPU keeps vLLM's own defaults.
 CPU_DEFAULT_ARGS = (("--max-model-len", "2048"), ("--max-num-seqs", "16"))
-# Eager mode on the CPU unless the args say --no-enforce-eager (or --enforce-eager): with
-# vLLM 0.32 CPU's compiled graphs the demo model answered "What is the capital of France?"
-# at temperature 0 with "L'Étoile, la Marseillaise, ..." and never stopped, while eager
-# mode answers "The capital of France is Paris." Eager also starts in about 35 s instead of
-# about 115 s, at about 25 % less decoding speed.
+# Eager mode on the CPU unless the args say --no-enforce-eager (or --enforce-eager): the
+# engine is ready in about 25 s instead of about 75 s; compiled graphs decode 10-25 % faster
+# (docs/install.md). The demo model's dtype is chosen in teamgpu.engine.demo.
 CPU_DEFAULT_FLAGS = ("--enforce-eager",)
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 40
@@ -154,6 +153,21 @@ def build_command(spec: EngineSpec) -> list[str]:
             if flag not in given and "--no-" + flag[2:] not in given:
                 command.append(flag)
     return command + list(spec.args)
+
+
+def engine_arg(args: list[str] | tuple[str, ...], flag: str) -> str | None:
+    """The value of ``flag`` in vLLM-style args (``--f v`` or ``--f=v``; ``_`` = ``-``),
+    the last one given winning as in vLLM's parser; None when absent."""
+    want = flag.replace("_", "-")
+    found = None
+    for i, a in enumerate(args):
+        name, eq, value = a.partition("=")
+        if name.replace("_", "-") == want:
+            if eq:
+                found = value
+            elif i + 1 < len(args):
+                found = args[i + 1]
+    return found
 
 
 def free_port() -> int:

@@ -16,6 +16,17 @@ Engine flags, and why:
   of about 115 s, for about 25 % less decode speed (27 instead of 35 tok/s for one
   client). The tests generate a few hundred tokens in all, so eager mode wins by over a
   minute per session; throughput benchmarks should not use this fixture.
+- ``--dtype float32``: what ``teamgpu up`` runs the demo model with on the CPU
+  (:func:`teamgpu.engine.demo.demo_engine_args`). The answer checks in this folder rely on
+  it: asked "What is the capital of France?" through chat (with the model's default
+  system prompt), the greedy first token is "The" at logprob -1.86 against "L" at -1.96,
+  a margin of 0.10 nats (float32, measured here). bf16 kernels move these logits by about
+  0.2 (on a Xeon with AMX, "L" won, and the answer became "L'Étoile, la Marseillaise,
+  ..."); float32 kernels differ from one CPU to another by rounding only, around 1e-4 on
+  these logits, a thousand times less than the margin.
+  ``test_engine_smoke.py::test_greedy_answer_margin_is_far_above_float32_noise`` keeps
+  that margin measured, so a change of model, prompt or engine that shrinks it fails there
+  first, with the figure, rather than as a wrong answer.
 - ``--max-num-seqs 16`` and ``--max-model-len 2048`` with ``VLLM_CPU_KVCACHE_SPACE=1``
   (1 GiB of KV cache): about 1.4 GB resident, enough for the concurrency tests.
 """
@@ -34,6 +45,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from teamgpu.engine.demo import demo_engine_args
 from teamgpu.engine.supervisor import EngineSpec, EngineState, EngineSupervisor, free_port
 
 HERE = Path(__file__).parent
@@ -144,7 +156,7 @@ def vllm_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmEngine
         model=str(model_dir),
         served_model_name=SERVED_MODEL_NAME,
         port=free_port(),
-        args=ENGINE_ARGS,
+        args=demo_engine_args(str(model_dir), "cpu", ENGINE_ARGS),
         env=ENGINE_ENV,
         log_path=log_path,
     )

@@ -64,6 +64,9 @@ def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path:
         assert len(set(keys)) == 1, text  # the first-run admin key, printed once
         key = keys[0]
         assert "curl" in text and "OPENAI_BASE_URL" in text
+        # the sanity question, asked once the engine was ready, got a right answer
+        assert re.search(r"sanity check: .*capital of France.*Paris", text), text
+        assert "WRONG ANSWER" not in text
         auth = {"Authorization": f"Bearer {key}"}
         chat = {"model": SERVED_MODEL_NAME, "max_tokens": 16, "temperature": 0,
                 "messages": [{"role": "user", "content": "What is the capital of France?"}]}
