@@ -3,7 +3,7 @@
     .venv/bin/python bench/overhead.py [--rate 200] [--seconds 10] [--json]
         [--key-limits [rpm,tpm,max-concurrent,daily-tokens]] [--redis-url URL]
 
-Three processes on this machine: the fake backend (teamgpu.testing.fake_backend), the
+Three processes on this machine: the fake backend (tests.support.fake_backend), the
 gateway (``teamgpu serve``), and this load generator. For each of non-streaming and
 streaming chat completions it sends an open-loop load at ``--rate`` requests/s (fixed
 schedule, so a slow server cannot slow the load down) first direct, then through the
@@ -163,8 +163,8 @@ def main() -> None:
     redis_prefix = f"teamgpu:bench:{os.getpid()}:{time.time_ns()}"
     if a.redis_url:
         env["TEAMGPU_REDIS_KEY_PREFIX"] = redis_prefix
-    procs = [subprocess.Popen([PY, "-m", "teamgpu.testing.fake_backend", "--port", str(fport)],
-                              env=env)]
+    procs = [subprocess.Popen([PY, "-m", "tests.support.fake_backend", "--port", str(fport)],
+                              env=env, cwd=ROOT)]
     try:
         wait_http(f"http://127.0.0.1:{fport}/health")
         limit_args = [x for f in limits for x in (f"--{f}", str(NEVER_REFUSES))]

@@ -2,7 +2,7 @@
 
 ``gateway`` is one session-wide gateway with default settings in front of the session's
 fake backend; tests that need other settings start their own with
-:func:`teamgpu.testing.harness.start_gateway`, which takes a fraction of a second.
+:func:`tests.support.harness.start_gateway`, which takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from teamgpu.testing.fake_backend import FakeBackend, ServerThread, free_port
-from teamgpu.testing.harness import Harness, start_gateway
+from tests.support.fake_backend import FakeBackend, ServerThread, free_port
+from tests.support.harness import Harness, start_gateway
 
 
 @pytest.fixture

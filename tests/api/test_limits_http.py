@@ -39,8 +39,8 @@ from teamgpu.cli import main
 from teamgpu.limits import KeyLimits, LimitStatus, memory
 from teamgpu.limits.models import seconds_to_us
 from teamgpu.store.tables import api_keys
-from teamgpu.testing.fake_backend import MODEL, FakeBackend, ServerThread, prompt_token_count
-from teamgpu.testing.harness import Harness, assert_openai_error, start_gateway, wait_until
+from tests.support.fake_backend import MODEL, FakeBackend, ServerThread, prompt_token_count
+from tests.support.harness import Harness, assert_openai_error, start_gateway, wait_until
 
 CHAT_PATH = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]

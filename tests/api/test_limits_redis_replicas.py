@@ -32,8 +32,8 @@ import redis
 
 from teamgpu.auth.keys import KeyStore
 from teamgpu.store.db import open_store
-from teamgpu.testing.fake_backend import ServerThread, free_port
-from teamgpu.testing.harness import assert_openai_error, start_gateway, wait_until
+from tests.support.fake_backend import ServerThread, free_port
+from tests.support.harness import assert_openai_error, start_gateway, wait_until
 from tests.api.test_limits_http import PROMPT, chat, post  # one request shape for both
 
 pytestmark = pytest.mark.services
@@ -79,7 +79,7 @@ def fake_url() -> Iterator[str]:
     """The fake vLLM in its own process: 120 requests at once through two gateways must
     not wait for this process's GIL (a slow /health would mark the backend down)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "teamgpu.testing.fake_backend",
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.fake_backend",
                              "--port", str(port)], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

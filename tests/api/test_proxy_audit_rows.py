@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from teamgpu.testing.fake_backend import MODEL, ServerThread
-from teamgpu.testing.harness import Harness, start_gateway, wait_until
+from tests.support.fake_backend import MODEL, ServerThread
+from tests.support.harness import Harness, start_gateway, wait_until
 
 SECRET_PROMPT = "my secret plan is 42"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": SECRET_PROMPT}]}

@@ -17,8 +17,8 @@ from sqlalchemy import update
 from teamgpu.auth.keys import utcnow
 from teamgpu.cli import main
 from teamgpu.store.tables import api_keys
-from teamgpu.testing.fake_backend import MODEL, ServerThread
-from teamgpu.testing.harness import Harness, assert_openai_error, start_gateway
+from tests.support.fake_backend import MODEL, ServerThread
+from tests.support.harness import Harness, assert_openai_error, start_gateway
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from teamgpu.testing.fake_backend import MODEL, FakeBackend, ServerThread
-from teamgpu.testing.harness import Harness, assert_openai_error, start_gateway, wait_until
+from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
+from tests.support.harness import Harness, assert_openai_error, start_gateway, wait_until
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -50,7 +50,7 @@ def test_healthz_and_readyz(gateway: Harness) -> None:
 @pytest.fixture(scope="module")
 def downed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     """A gateway whose only backend never answered (nothing listens on its port)."""
-    from teamgpu.testing.fake_backend import free_port
+    from tests.support.fake_backend import free_port
 
     with start_gateway(tmp_path_factory.mktemp("down"), [f"http://127.0.0.1:{free_port()}"],
                        backend_down_retry_after_s=7) as h:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from teamgpu.testing.fake_backend import MODEL, FakeBackend, ServerThread
-from teamgpu.testing.harness import Harness, start_gateway, wait_until
+from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
+from tests.support.harness import Harness, start_gateway, wait_until
 
 
 @dataclass

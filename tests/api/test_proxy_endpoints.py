@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from teamgpu.testing.fake_backend import MODEL, FakeBackend, ServerThread
-from teamgpu.testing.harness import Harness, assert_openai_error, sse_events, start_gateway
+from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
+from tests.support.harness import Harness, assert_openai_error, sse_events, start_gateway
 
 OWNED = {"priority"}  # fields the gateway adds to every generative request
 

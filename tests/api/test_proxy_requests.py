@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from teamgpu.testing.fake_backend import MODEL, FakeBackend, ServerThread
-from teamgpu.testing.harness import Harness, assert_openai_error, start_gateway
+from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
+from tests.support.harness import Harness, assert_openai_error, start_gateway
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 JSON = {"content-type": "application/json"}

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from teamgpu.testing.fake_backend import MODEL, FakeBackend, ServerThread
-from teamgpu.testing.harness import Harness, assert_openai_error, event_data, sse_events
+from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
+from tests.support.harness import Harness, assert_openai_error, event_data, sse_events
 
 MESSAGES = [{"role": "user", "content": "Say something in Chinese"}]
 TEXT = "北京🙂é"  # 3-byte CJK, a 4-byte emoji, a 2-byte Latin letter

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from teamgpu.testing.fake_backend import MODEL, FakeBackend, ServerThread
-from teamgpu.testing.harness import Harness, assert_openai_error, start_gateway, wait_until
+from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
+from tests.support.harness import Harness, assert_openai_error, start_gateway, wait_until
 
 MAIN_SETTINGS: dict[str, Any] = {
     "max_inflight_per_backend": 4,

@@ -15,7 +15,7 @@ from teamgpu.clientbench import (
     percentile,
     summarize,
 )
-from teamgpu.testing.harness import Harness
+from tests.support.harness import Harness
 
 TOKENS = 6
 DELAY_S = 0.02

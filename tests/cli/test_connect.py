@@ -23,8 +23,8 @@ import yaml
 from click.testing import CliRunner
 
 from teamgpu.cli.connect import connect
-from teamgpu.testing.fake_backend import FakeBackend
-from teamgpu.testing.harness import Harness, sse_events
+from tests.support.fake_backend import FakeBackend
+from tests.support.harness import Harness, sse_events
 
 MODEL = "fake-model"
 

@@ -39,8 +39,8 @@ from teamgpu.cli.doctor import (
     read_model_spec,
 )
 from teamgpu.settings import Settings
-from teamgpu.testing.fake_backend import ServerThread, free_port
-from teamgpu.testing.harness import Harness, start_gateway
+from tests.support.fake_backend import ServerThread, free_port
+from tests.support.harness import Harness, start_gateway
 
 NOW = dt.datetime.now(dt.UTC)
 

@@ -26,8 +26,8 @@ from teamgpu.dashboard import routes as dashboard_routes
 from teamgpu.metrics.usage_report import parse_since, usage_report
 from teamgpu.store.db import open_store
 from teamgpu.store.tables import usage as usage_table
-from teamgpu.testing.fake_backend import MODEL, ServerThread
-from teamgpu.testing.harness import Harness, start_gateway
+from tests.support.fake_backend import MODEL, ServerThread
+from tests.support.harness import Harness, start_gateway
 
 NOW = datetime.now(UTC)
 TODAY = datetime(NOW.year, NOW.month, NOW.day, tzinfo=UTC)

@@ -14,8 +14,8 @@ import pytest
 
 from teamgpu.api import observability
 from teamgpu.dashboard import routes as dashboard_routes
-from teamgpu.testing.fake_backend import ServerThread
-from teamgpu.testing.harness import Harness, start_gateway
+from tests.support.fake_backend import ServerThread
+from tests.support.harness import Harness, start_gateway
 
 
 @contextlib.contextmanager

@@ -31,8 +31,8 @@ import pytest
 from teamgpu.api.observability import gateway_metrics
 from teamgpu.metrics import GpuSample
 from teamgpu.scheduler import Admission, FairQueueConfig, QueuedRequest
-from teamgpu.testing.fake_backend import MODEL, ServerThread
-from teamgpu.testing.harness import Harness, wait_until
+from tests.support.fake_backend import MODEL, ServerThread
+from tests.support.harness import Harness, wait_until
 
 from .conftest import dashboard_gateway
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from teamgpu.dashboard import routes as dashboard_routes
 from teamgpu.dashboard.routes import COOKIE, session_store
-from teamgpu.testing.fake_backend import MODEL, ServerThread
-from teamgpu.testing.harness import Harness, assert_openai_error
+from tests.support.fake_backend import MODEL, ServerThread
+from tests.support.harness import Harness, assert_openai_error
 
 from .conftest import browser, dashboard_gateway, sign_in
 

@@ -36,8 +36,8 @@ from openai import OpenAI
 
 from teamgpu.cli.doctor import Doctor, Status
 from teamgpu.settings import Settings
-from teamgpu.testing.fake_backend import FakeBackend, ServerThread, free_port
-from teamgpu.testing.harness import Harness, start_gateway, wait_until
+from tests.support.fake_backend import FakeBackend, ServerThread, free_port
+from tests.support.harness import Harness, start_gateway, wait_until
 
 pytestmark = pytest.mark.services
 

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from teamgpu.testing.harness import Harness, start_gateway, wait_until
+from tests.support.harness import Harness, start_gateway, wait_until
 
 from .conftest import VllmEngine
 

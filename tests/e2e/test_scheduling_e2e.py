@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from teamgpu.testing.harness import Harness, start_gateway, wait_until
+from tests.support.harness import Harness, start_gateway, wait_until
 
 from .conftest import VllmEngine
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from teamgpu.testing.fake_backend import free_port
-from teamgpu.testing.harness import wait_until
+from tests.support.fake_backend import free_port
+from tests.support.harness import wait_until
 
 from .conftest import SERVED_MODEL_NAME, VllmEngine
 

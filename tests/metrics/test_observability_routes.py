@@ -13,8 +13,8 @@ import httpx
 
 from teamgpu.api.observability import metrics_of
 from teamgpu.scheduler import Admission, FairQueueConfig, QueuedRequest
-from teamgpu.testing.fake_backend import MODEL, ServerThread
-from teamgpu.testing.harness import Harness, assert_openai_error, wait_until
+from tests.support.fake_backend import MODEL, ServerThread
+from tests.support.harness import Harness, assert_openai_error, wait_until
 
 from .conftest import needs_request_path_wiring, observed_gateway
 from .exposition import samples, value

@@ -81,7 +81,7 @@ class SlowHealthServer:
 async def test_a_slow_health_check_is_not_a_dead_engine(monkeypatch: Any) -> None:
     """A busy engine answering /health late keeps serving: one or two slow polls leave
     it up; SLOW_POLLS_BEFORE_DOWN in a row mark it down; a refused connection at once."""
-    from teamgpu.testing.fake_backend import ServerThread, free_port
+    from tests.support.fake_backend import ServerThread, free_port
     from teamgpu.upstream import backends
     from teamgpu.upstream.client import UpstreamClient
 

@@ -1,7 +1,7 @@
 """A real gateway on loopback for tests, and helpers to check what it answers.
 
 :func:`start_gateway` serves ``teamgpu.app.create_app`` with uvicorn in a
-:class:`~teamgpu.testing.fake_backend.ServerThread`, so requests cross real sockets and
+:class:`~tests.support.fake_backend.ServerThread`, so requests cross real sockets and
 streams are really streamed. Audit rows are written off the request path;
 :meth:`Harness.wait_row` polls the store until the row of a request id appears, and
 :meth:`Harness.flush` waits, in the server's own event loop, until everything queued so
@@ -22,7 +22,7 @@ import httpx
 
 from teamgpu.app import create_app
 from teamgpu.settings import Settings
-from teamgpu.testing.fake_backend import ServerThread
+from tests.support.fake_backend import ServerThread
 
 __all__ = [
     "ERROR_KEYS", "Harness", "assert_openai_error", "event_data", "sse_events",

@@ -320,7 +320,7 @@ class ServerThread:
 
 
 def main() -> None:
-    """``python -m teamgpu.testing.fake_backend --port P``: serve the fake on 127.0.0.1."""
+    """``python -m tests.support.fake_backend --port P``: serve the fake on 127.0.0.1."""
     import argparse
 
     import uvicorn

@@ -1,0 +1,1 @@
+"""What the tests share: a fake vLLM, a real gateway on loopback, helpers to check answers."""
