@@ -28,8 +28,6 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-PriorityName = Literal["high", "normal", "low"]
-
 
 def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/teamgpu`` or ``~/.local/share/teamgpu``."""

@@ -8,21 +8,16 @@ key, 403 with a non-admin key).
 (``/dashboard/api/stats``) and ``teamgpu top`` show, so all three report the same
 numbers. Its shape is documented in docs/observability.md.
 
-What this module reads from the :class:`~teamgpu.app.Gateway` (``gw``):
-
-- ``gw.settings``, ``gw.store``, ``gw.started_at``, ``gw.require_admin`` (always there);
-- ``gw.pool`` (backends; absent before the app's lifespan opened it) and ``gw.audit``
-  (flushed first, so a request that was answered is counted);
-- ``gw.metrics``: a :class:`GatewayMetrics`; when the gateway has none yet, one built by
-  :func:`gateway_metrics` is attached to it on first use;
-- ``gw.admission``: the scheduler's ``Admission`` (or a mapping of them, one per
-  backend), or None/absent when the gateway does not queue: the queue is then empty.
+What this module reads from the :class:`~teamgpu.gateway.Gateway` (``gw``): its
+``settings``, ``store``, ``started_at``, ``auth`` (admin keys), ``pool`` (backends),
+``admissions`` (the scheduler's admission controllers, one per served model), ``audit``
+(flushed first, so a request that was answered is counted), ``metrics`` and
+``usage_totals``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -31,83 +26,22 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from teamgpu.api.errors import json_response
-from teamgpu.metrics.gpu import NvmlSampler
-from teamgpu.metrics.prometheus import PRIORITIES, GatewayMetrics
+from teamgpu.metrics.prometheus import PRIORITIES
 from teamgpu.metrics.ttft import nearest_rank
 from teamgpu.metrics.usage_report import start_of_day, usage_report
+from teamgpu.scheduler.priority import PriorityClass
 
 if TYPE_CHECKING:
-    from teamgpu.app import Gateway
+    from teamgpu.gateway import Gateway
     from teamgpu.scheduler.stats import SchedulerStats
 
 __all__ = [
     "ROUTES",
-    "gateway_metrics",
     "metrics",
-    "metrics_of",
     "starlette_routes",
     "stats",
     "stats_snapshot",
 ]
-
-
-# ---------------------------------------------------------------------- wiring
-
-
-def gateway_metrics(gw: Gateway, *, gpu: Any | None = None) -> GatewayMetrics:
-    """A :class:`GatewayMetrics` whose gauges read ``gw`` at scrape time.
-
-    Args:
-        gw: The gateway; its ``pool`` and ``admission`` may appear later (they are
-            looked up at every scrape).
-        gpu: GPU source (default: a new :class:`NvmlSampler`, 1 s cache).
-    """
-    return GatewayMetrics(
-        queue_depth=lambda: queue_depth(gw),
-        inflight=lambda: {b.url: b.in_flight for b in _backends(gw)},
-        backend_up=lambda: {b.url: b.up for b in _backends(gw)},
-        gpu=gpu if gpu is not None else NvmlSampler(),
-        redis_errors=(lambda: {"limiter": gw.limiter.redis_errors_total,
-                               "auth_throttle": gw.auth_throttle.redis_errors_total})
-        if gw.settings.redis_url else None,
-    )
-
-
-def metrics_of(gw: Gateway) -> GatewayMetrics:
-    """``gw.metrics``, attaching one built by :func:`gateway_metrics` if it has none."""
-    m = getattr(gw, "metrics", None)
-    if m is None:
-        m = gateway_metrics(gw)
-        gw.metrics = m  # type: ignore[attr-defined]
-    return m  # type: ignore[no-any-return]
-
-
-def scheduler_stats(gw: Gateway) -> list[SchedulerStats]:
-    """The stats of every admission controller of ``gw`` (none when it does not queue)."""
-    adm = getattr(gw, "admission", None)
-    if adm is None:
-        return []
-    if isinstance(adm, Mapping):
-        return [a.stats() for a in adm.values() if a is not None]
-    return [adm.stats()]
-
-
-def queue_depth(gw: Gateway) -> dict[str, int]:
-    """Waiting requests per requested class: ``{"high": n, "normal": n, "low": n}``."""
-    out = dict.fromkeys(PRIORITIES, 0)
-    for st in scheduler_stats(gw):
-        for cls, n in st.queued.items():
-            out[_class_name(cls)] += n
-    return out
-
-
-def _class_name(cls: Any) -> str:
-    return str(getattr(cls, "name", cls)).lower()
-
-
-def _backends(gw: Gateway) -> list[Any]:
-    pool = getattr(gw, "pool", None)
-    return list(pool.backends) if pool is not None else []
 
 
 # ---------------------------------------------------------------------- snapshot
@@ -145,18 +79,16 @@ async def stats_snapshot(gw: Gateway, *, now: datetime | None = None) -> dict[st
         now: The current time (default: the clock), for "today".
     """
     now = now or datetime.now(UTC)
-    audit = getattr(gw, "audit", None)
-    if audit is not None:
-        await audit.flush()
+    await gw.audit.flush()
     midnight = start_of_day(now)
     # in-memory state first, read in the event loop that changes it
-    m = metrics_of(gw)
+    m = gw.metrics
     wall = now.timestamp()
     summary = m.ttft_summary(wall)
     per_minute = m.ttft_per_minute(wall)
-    sched = scheduler_stats(gw)
-    backends = _backends(gw)
-    depth = queue_depth(gw)
+    sched = gw.admissions.stats()
+    backends = list(gw.pool.backends)
+    depth = gw.admissions.queue_depth()
     gpus = m.gpu_samples()
     totals, today_groups = await asyncio.to_thread(_read_store, gw, midnight)
 
@@ -171,7 +103,8 @@ async def stats_snapshot(gw: Gateway, *, now: datetime | None = None) -> dict[st
     oldest = dict.fromkeys(PRIORITIES, 0.0)
     for st in sched:
         for cls, w in st.oldest_wait_s.items():
-            oldest[_class_name(cls)] = max(oldest[_class_name(cls)], w)
+            label = PriorityClass(cls).label
+            oldest[label] = max(oldest[label], w)
     return {
         "generated_at": now.isoformat(),
         "started_at": gw.started_at.isoformat(),
@@ -240,8 +173,8 @@ async def metrics(request: Request) -> Response:
     """
     gw = _gw(request)
     if gw.settings.metrics_require_key:
-        await gw.require_admin(request)
-    body, content_type = metrics_of(gw).render()
+        await gw.auth.require_admin(request)
+    body, content_type = gw.metrics.render()
     return Response(body, 200, headers={"content-type": content_type,
                                         "cache-control": "no-store"})
 
@@ -252,7 +185,7 @@ async def stats(request: Request) -> Response:
     401 without a valid key, 403 with a key that is not an admin key.
     """
     gw = _gw(request)
-    await gw.require_admin(request)
+    await gw.auth.require_admin(request)
     return json_response(await stats_snapshot(gw), headers={"cache-control": "no-store"})
 
 

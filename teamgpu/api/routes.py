@@ -3,18 +3,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from teamgpu.api import proxy
+from teamgpu.api.adapters import CHAT, COMPLETIONS, EMBEDDINGS, ProtocolAdapter
 from teamgpu.api.errors import error_response, json_response
 from teamgpu.errors import GatewayError, ModelNotFound, ServiceUnavailable
 
 if TYPE_CHECKING:
-    from teamgpu.app import Gateway
+    from teamgpu.gateway import Gateway
     from teamgpu.upstream.relay import StreamRelay
 
 
@@ -22,16 +22,15 @@ def _gw(request: Request) -> Gateway:
     return request.app.state.gw  # type: ignore[no-any-return]
 
 
-async def chat_completions(request: Request) -> Response | StreamRelay:
-    return await proxy.handle(request, "chat/completions")
+def _proxied(adapter: ProtocolAdapter) -> Callable[[Request], Awaitable[Response | StreamRelay]]:
+    """The route handler of one protocol adapter: the request goes down the pipeline."""
 
+    async def endpoint(request: Request) -> Response | StreamRelay:
+        return await _gw(request).pipeline.handle(request, adapter)
 
-async def completions(request: Request) -> Response | StreamRelay:
-    return await proxy.handle(request, "completions")
-
-
-async def embeddings(request: Request) -> Response | StreamRelay:
-    return await proxy.handle(request, "embeddings")
+    endpoint.__name__ = adapter.endpoint.replace("/", "_")
+    endpoint.__doc__ = f"``POST {adapter.path}`` through the pipeline."
+    return endpoint
 
 
 def _listing(gw: Gateway) -> list[dict[str, Any]]:
@@ -55,14 +54,14 @@ async def _audited(request: Request, endpoint: str,
     """Authenticate, answer, and write the request's one audit row (refusals included:
     a guessed key on ``/v1/models`` leaves a trace like one on a completion)."""
     gw = _gw(request)
-    ctx = proxy.request_ctx(gw, request, endpoint)
+    ctx = gw.pipeline.new_ctx(request, endpoint)
     try:
-        await gw.authenticate(request, ctx)
+        ctx.principal = await gw.auth.authenticate(request)
         response = answer(gw)
     except GatewayError as exc:
-        await gw.record(ctx, status=exc.status, outcome=exc.outcome, error=exc.message)
+        await gw.recorder.record(ctx, status=exc.status, outcome=exc.outcome, error=exc.message)
         return error_response(exc)
-    await gw.record(ctx, status=response.status_code, outcome="ok")
+    await gw.recorder.record(ctx, status=response.status_code, outcome="ok")
     return response
 
 
@@ -113,9 +112,7 @@ async def readyz(request: Request) -> Response:
 
 
 ROUTES = [
-    ("/v1/chat/completions", chat_completions, ["POST"]),
-    ("/v1/completions", completions, ["POST"]),
-    ("/v1/embeddings", embeddings, ["POST"]),
+    *((a.path, _proxied(a), ["POST"]) for a in (CHAT, COMPLETIONS, EMBEDDINGS)),
     ("/v1/models", models, ["GET"]),
     ("/v1/models/{model:path}", model, ["GET"]),
     ("/healthz", healthz, ["GET"]),

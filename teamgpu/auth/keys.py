@@ -19,10 +19,11 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, or_, select, update
 
+from teamgpu.scheduler.errors import InvalidPriority
+from teamgpu.scheduler.priority import PriorityClass
 from teamgpu.store.tables import api_keys
 
 KEY_PREFIX = "tg-"
-PRIORITIES = ("high", "normal", "low")
 
 
 class KeyError_(Exception):
@@ -60,8 +61,8 @@ class Principal:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
-    max_priority: str = "high"
-    default_priority: str = "normal"
+    max_priority: PriorityClass = PriorityClass.HIGH
+    default_priority: PriorityClass = PriorityClass.NORMAL
     weight: float = 1.0
     rpm: int | None = None
     tpm: int | None = None
@@ -80,6 +81,8 @@ class Principal:
     def public(self) -> dict[str, Any]:
         d = asdict(self)
         d["id"] = d.pop("key_id")
+        d["max_priority"] = self.max_priority.label
+        d["default_priority"] = self.default_priority.label
         for k in ("created_at", "expires_at", "revoked_at"):
             d[k] = d[k].isoformat() if d[k] else None
         return d
@@ -104,8 +107,8 @@ def _principal_from_mapping(m: Any) -> Principal:
         created_at=_parse_dt(m["created_at"]),  # type: ignore[arg-type]
         expires_at=_parse_dt(m["expires_at"]),
         revoked_at=_parse_dt(m["revoked_at"]),
-        max_priority=m["max_priority"],
-        default_priority=m["default_priority"],
+        max_priority=PriorityClass.parse(m["max_priority"]),
+        default_priority=PriorityClass.parse(m["default_priority"]),
         weight=float(m["weight"]),
         rpm=m["rpm"],
         tpm=m["tpm"],
@@ -150,8 +153,8 @@ class KeyStore:
         *,
         admin: bool = False,
         expires_in_days: float | None = None,
-        max_priority: str = "high",
-        default_priority: str = "normal",
+        max_priority: str | PriorityClass = PriorityClass.HIGH,
+        default_priority: str | PriorityClass = PriorityClass.NORMAL,
         weight: float = 1.0,
         rotated_from: str | None = None,
         limits: dict[str, int | None] | None = None,
@@ -167,7 +170,7 @@ class KeyStore:
         user = user.strip()
         if not user or len(user) > 128 or any(c.isspace() for c in user):
             raise KeyError_("user name must be 1-128 characters without spaces")
-        _check_priorities(max_priority, default_priority)
+        ceiling, default = _priority(max_priority), _priority(default_priority)
         if not weight > 0:
             raise KeyError_("weight must be > 0")
         secret = new_secret()
@@ -183,8 +186,8 @@ class KeyStore:
             "expires_at": now + timedelta(days=expires_in_days) if expires_in_days else None,
             "revoked_at": None,
             "rotated_from": rotated_from,
-            "max_priority": max_priority,
-            "default_priority": default_priority,
+            "max_priority": ceiling.label,
+            "default_priority": default.label,
             "weight": weight,
         }
         for f in LIMIT_FIELDS:
@@ -307,11 +310,9 @@ class KeyStore:
         if bad:
             raise KeyError_(f"cannot update {sorted(bad)}")
         keys = self.resolve(id_or_user)
-        for k in keys:
-            _check_priorities(
-                values.get("max_priority", k.max_priority),
-                values.get("default_priority", k.default_priority),
-            )
+        for name in ("max_priority", "default_priority"):
+            if name in values:
+                values[name] = _priority(values[name]).label
         if "weight" in values and not values["weight"] > 0:
             raise KeyError_("weight must be > 0")
         for f in LIMIT_FIELDS:
@@ -331,7 +332,16 @@ class KeyStore:
         return any(k.is_admin for k in self.list(include_inactive=False))
 
 
-def _check_priorities(max_priority: str, default_priority: str) -> None:
-    for p in (max_priority, default_priority):
-        if p not in PRIORITIES:
-            raise KeyError_(f"priority must be one of {', '.join(PRIORITIES)}: {p!r}")
+def _priority(value: str | PriorityClass) -> PriorityClass:
+    """``value`` as a class (a name, an alias or a class).
+
+    Raises:
+        KeyError_: not a priority class.
+    """
+    if isinstance(value, PriorityClass):
+        return value
+    try:
+        return PriorityClass.parse(value)
+    except InvalidPriority:
+        raise KeyError_(f"priority must be one of {', '.join(PriorityClass.labels())}: "
+                        f"{value!r}") from None

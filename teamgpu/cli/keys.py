@@ -16,10 +16,10 @@ from rich.table import Table
 
 from teamgpu.auth.keys import KeyError_, KeyStore, Principal
 from teamgpu.cli.common import load_settings, print_json, settings_options
+from teamgpu.scheduler.priority import PriorityClass
 from teamgpu.store.db import open_store
 
-PRIORITY = click.Choice(["high", "normal", "low", "interactive", "batch"], case_sensitive=False)
-ALIASES = {"interactive": "high", "batch": "low"}
+PRIORITY = click.Choice(PriorityClass.accepted_names(), case_sensitive=False)
 
 
 def _store(overrides: dict[str, Any]) -> KeyStore:
@@ -27,8 +27,6 @@ def _store(overrides: dict[str, Any]) -> KeyStore:
     return KeyStore(open_store(s.db_url))
 
 
-def _prio(v: str | None) -> str | None:
-    return None if v is None else ALIASES.get(v.lower(), v.lower())
 
 
 def limit_options(fn: Any) -> Any:
@@ -85,8 +83,8 @@ def create(_settings_overrides: dict[str, Any], name: str, admin: bool, expires_
     try:
         secret, p = ks.create(
             name, admin=admin, expires_in_days=expires_in,
-            max_priority=_prio(max_priority) or "high",
-            default_priority=_prio(default_priority) or "normal",
+            max_priority=max_priority or PriorityClass.HIGH,
+            default_priority=default_priority or PriorityClass.NORMAL,
             weight=weight or 1.0,
             limits={"rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent,
                     "daily_tokens": daily_tokens},
@@ -121,7 +119,7 @@ def list_(_settings_overrides: dict[str, Any], as_json: bool, show_all: bool) ->
               "created", "expires")
     for k in keys:
         t.add_row(k.key_id, k.user, k.prefix + "…", "admin" if k.is_admin else "user",
-                  k.status(now), f"{k.default_priority}≤{k.max_priority}", f"{k.weight:g}",
+                  k.status(now), f"{k.default_priority.label}≤{k.max_priority.label}", f"{k.weight:g}",
                   _lim(k.rpm), _lim(k.tpm), k.created_at.strftime("%Y-%m-%d %H:%M"),
                   k.expires_at.strftime("%Y-%m-%d %H:%M") if k.expires_at else "never")
     Console(width=None if sys.stdout.isatty() else 160).print(t)
@@ -178,8 +176,8 @@ def update_(_settings_overrides: dict[str, Any], id_or_user: str, max_priority: 
     """Change the priorities, weight or limits of a key (or of every key of a user)."""
     ks = _store(_settings_overrides)
     try:
-        keys = ks.update(id_or_user, max_priority=_prio(max_priority),
-                         default_priority=_prio(default_priority), weight=weight, rpm=rpm,
+        keys = ks.update(id_or_user, max_priority=max_priority,
+                         default_priority=default_priority, weight=weight, rpm=rpm,
                          tpm=tpm, max_concurrent=max_concurrent, daily_tokens=daily_tokens)
     except KeyError_ as exc:
         _fail(exc)

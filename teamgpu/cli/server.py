@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -16,15 +17,26 @@ from typing import Any
 import click
 import uvicorn
 from rich.console import Console
+from sqlalchemy import Engine
 
-from teamgpu.app import Gateway, create_app
+from teamgpu.app import create_app
 from teamgpu.auth.keys import KeyStore
 from teamgpu.cli.common import load_settings, settings_options
+from teamgpu.cli.server_record import ServerRecord, gateway_url, remove_record, write_record
+from teamgpu.engine.demo import DEMO_MARKER, DEMO_MODEL_NAME
+from teamgpu.preflight import (
+    DEFAULT_INFLIGHT,
+    ConfigError,
+    check_port_free,
+    check_settings,
+    engine_capacity,
+    open_store_checked,
+    scheduler_config,
+)
 from teamgpu.settings import Settings, default_cache_dir, default_data_dir
 
 console = Console(stderr=True)
-
-DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+log = logging.getLogger("teamgpu.server")
 
 
 def _server_options(fn: Any) -> Any:
@@ -100,10 +112,35 @@ def serve(_settings_overrides: dict[str, Any], backends: tuple[str, ...], host: 
     if not s.backends:
         raise click.UsageError("give at least one --backend URL (or set backends in teamgpu.toml)")
     _logging(s)
-    gw = Gateway(s)
-    _first_run_key(s, gw.keys)
+    store = _preflight(s)
+    _first_run_key(s, KeyStore(store))
+    record = ServerRecord(kind="serve", pid=os.getpid(), gateway_url=gateway_url(s.host, s.port),
+                          backends=list(s.backends))
+
+    async def on_open(_gw: Any) -> None:
+        write_record(s.data_dir, record)
+
     console.print(f"teamgpu gateway on http://{s.host}:{s.port} -> {', '.join(s.backends)}")
-    uvicorn.Server(_uvicorn_config(create_app(s, gateway=gw), s)).run()
+    try:
+        uvicorn.Server(_uvicorn_config(create_app(s, store=store, on_open=on_open), s)).run()
+    finally:
+        remove_record(s.data_dir, record.pid)
+
+
+def _preflight(s: Settings) -> Engine:
+    """Everything ``serve`` and ``up`` refuse before they start anything (see
+    :mod:`teamgpu.preflight`); returns the opened store.
+
+    Raises:
+        click.ClickException: exit status 1 with the message and its fix.
+    """
+    try:
+        check_settings(s)
+        scheduler_config(s, s.max_inflight_per_backend or DEFAULT_INFLIGHT)
+        check_port_free(s.host, s.port)
+        return open_store_checked(s)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def find_engine_python(settings: Settings) -> Path | None:
@@ -133,14 +170,6 @@ def has_cuda_gpu() -> bool:
 VLLM_DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default on a GPU when --max-num-seqs is not given
 
 
-def engine_max_num_seqs(argv: list[str]) -> int:
-    """The ``--max-num-seqs`` of an engine command line (vLLM's default if absent)."""
-    from teamgpu.engine.supervisor import engine_arg
-
-    value = engine_arg(argv, "--max-num-seqs")
-    return int(value) if value is not None else VLLM_DEFAULT_MAX_NUM_SEQS
-
-
 def demo_model_dir() -> Path:
     return default_cache_dir() / "models" / DEMO_MODEL_NAME
 
@@ -165,6 +194,10 @@ def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name
     Ctrl-C or SIGTERM stops both. If the engine dies, clients get 503 with Retry-After
     while it is restarted with backoff.
     """
+    from teamgpu.engine.demo import demo_engine_args
+    from teamgpu.engine.errors import EngineConfigError
+    from teamgpu.engine.supervisor import EngineSpec, build_command, engine_arg, free_port
+
     s = load_settings(**_settings_overrides, model=model, served_model_name=served_model_name,
                       engine_args=list(engine_args) or None, engine_python=engine_python,
                       engine_port=engine_port, host=host, port=port,
@@ -178,15 +211,39 @@ def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name
     model_path = s.model
     if model_path is None:
         d = demo_model_dir()
-        if not (d / ".teamgpu-demo-ok").exists():
+        if not (d / DEMO_MARKER).exists():
             raise click.ClickException(
                 f"the demo model is not prepared at {d}: run scripts/prepare-demo-model.sh "
                 "(or ./run.sh), or pass --model")
         model_path = str(d)
     served = s.served_model_name or (
         DEMO_MODEL_NAME if s.model is None else Path(model_path.rstrip("/")).name)
+    device = "cuda" if has_cuda_gpu() else "cpu"
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    spec = EngineSpec(
+        python=py, model=model_path, served_model_name=served,
+        port=s.engine_port or free_port(),
+        args=demo_engine_args(model_path, device, tuple(s.engine_args)),
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"} if device == "cpu" else {},
+        log_path=s.data_dir / "engine.log", device=device,
+    )
     try:
-        code = asyncio.run(_up(s, py, model_path, served))
+        command = build_command(spec)
+        max_num_seqs = engine_capacity(engine_arg(command, "--max-num-seqs"),
+                                       VLLM_DEFAULT_MAX_NUM_SEQS)
+    except EngineConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if s.max_inflight_per_backend is None:
+        s.max_inflight_per_backend = max_num_seqs  # admission follows the engine's batch size
+    elif s.max_inflight_per_backend > max_num_seqs:
+        log.warning("--max-inflight %d is above the engine's --max-num-seqs %d: requests past "
+                    "%d wait in vLLM's own queue, where fair share does not apply",
+                    s.max_inflight_per_backend, max_num_seqs, max_num_seqs)
+    store = _preflight(s)
+    try:
+        code = asyncio.run(_up(s, spec, store))
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
@@ -225,25 +282,12 @@ async def _sanity_check(base_url: str, served: str, spec: Any) -> None:
         "sanity check failed: %r answered %r", SANITY_QUESTION, result.answer[:300])
 
 
-async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
-    from teamgpu.engine.demo import demo_engine_args
+async def _up(s: Settings, spec: Any, store: Engine) -> int:
     from teamgpu.engine.errors import EngineStartError
-    from teamgpu.engine.supervisor import EngineSpec, EngineSupervisor, build_command, free_port
+    from teamgpu.engine.supervisor import EngineState, EngineSupervisor
 
-    s.data_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if has_cuda_gpu() else "cpu"
-    spec = EngineSpec(
-        python=py, model=model_path, served_model_name=served,
-        port=s.engine_port or free_port(),
-        args=demo_engine_args(model_path, device, tuple(s.engine_args)),
-        env={"VLLM_CPU_KVCACHE_SPACE": "1"} if device == "cpu" else {},
-        log_path=s.data_dir / "engine.log", device=device,
-    )
-    if s.max_inflight_per_backend is None:
-        # admission follows the engine's own batch size
-        s.max_inflight_per_backend = engine_max_num_seqs(build_command(spec))
-    gw = Gateway(s)
-    _first_run_key(s, gw.keys, served)
+    served = spec.served_model_name
+    _first_run_key(s, KeyStore(store), served)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -263,12 +307,19 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
 
     last_state: list[Any] = [None, 0.0]
     interactive = console.is_terminal
+    gateway: list[Any] = []  # the open Gateway, once the app's lifespan opened it
 
     def on_state(state: Any, message: str) -> None:
         name = getattr(state, "value", state)
         status.update(f"[bold]vLLM[/] {name}: {message}")
         now = time.monotonic()
         changed = state != last_state[0]
+        if gateway and state in (EngineState.RESTARTING, EngineState.FAILED):
+            # the engine is gone: answer 503 at once instead of waiting for a health poll
+            pool = gateway[0].pool
+            for b in pool.backends:
+                if b.url == sup.base_url and b.up:
+                    pool.report_failure(b, message)
         # without a terminal the spinner shows nothing: print a line on every change of
         # state and every 15 s while it lasts
         if changed or (not interactive and not gw_started and now - last_state[1] >= 15):
@@ -282,6 +333,15 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
 
     gw_started = False
     sup = EngineSupervisor(spec, on_state=on_state, start_timeout_s=s.engine_start_timeout_s)
+    record = ServerRecord(kind="up", pid=os.getpid(), gateway_url=gateway_url(s.host, s.port),
+                          backends=[sup.base_url], engine_url=sup.base_url,
+                          served_model_name=served, model=spec.model,
+                          engine_args=list(spec.args))
+
+    async def on_open(gw: Any) -> None:
+        gateway.append(gw)
+        write_record(s.data_dir, record)
+
     try:
         try:
             await sup.start()
@@ -296,7 +356,7 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
         await _sanity_check(sup.base_url, served, spec)
         s.backends = [sup.base_url]
         gw_started = True
-        app = create_app(s, gateway=gw)
+        app = create_app(s, store=store, on_open=on_open)
         server = uvicorn.Server(_uvicorn_config(app, s))
         engine_task = asyncio.create_task(sup.run(), name="teamgpu-engine")
         console.print(f"teamgpu gateway on http://{s.host}:{s.port}  (Ctrl-C stops both)")
@@ -310,6 +370,7 @@ async def _up(s: Settings, py: Path, model_path: str, served: str) -> int:
     except asyncio.CancelledError:
         return 130
     finally:
+        remove_record(s.data_dir, record.pid)
         console.print("stopping vLLM…")
         await asyncio.shield(sup.stop())
         console.print("stopped.")

@@ -22,6 +22,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from teamgpu.scheduler.priority import PriorityClass
+
 __all__ = ["StatsError", "fetch_stats", "render_stats", "top"]
 
 TOP_USERS = 10
@@ -97,7 +99,7 @@ def render_stats(data: dict[str, Any], url: str = "", width: int | None = None) 
     )
 
     queue = Table.grid(padding=(0, 2))
-    for cls in ("high", "normal", "low"):
+    for cls in PriorityClass.labels():
         queue.add_row(cls, Text(f"{q[cls]:,}", style="bold" if q[cls] else ""))
     oldest = max(q.get("oldest_wait_s", {}).values(), default=0.0)
     queue.add_row("oldest", f"{oldest:.1f} s" if q["total"] else "–")

@@ -60,7 +60,7 @@ from teamgpu.errors import (
 )
 
 if TYPE_CHECKING:
-    from teamgpu.app import Gateway
+    from teamgpu.gateway import Gateway
 
 __all__ = ["COOKIE", "ROUTES", "mounts", "session_store", "starlette_routes"]
 
@@ -211,7 +211,7 @@ async def login(request: Request) -> Response:
     303 to ``/dashboard`` with the session cookie; the form again with 401 for a missing,
     unknown, expired or revoked key and 403 for a key that is not an admin key. Sign-ins
     go through the same per-address failed-authentication throttle as the API
-    (:meth:`Gateway.verify_secret`): a key that was never issued counts as a failure, and
+    (:meth:`Authenticator.verify_secret`): a key that was never issued counts as a failure, and
     an address over the limit gets the form with 429 and ``Retry-After`` before its key is
     even looked at (docs/limits.md).
     """
@@ -221,8 +221,8 @@ async def login(request: Request) -> Response:
     except GatewayError as exc:
         return _login_page(exc.message, exc.status)
     try:
-        p = await gw.verify_secret(form.get("key", "").strip() or None,
-                                   gw.client_addr(request) or "unknown")
+        p = await gw.auth.verify_secret(form.get("key", "").strip() or None,
+                                        gw.auth.client_addr(request) or "unknown")
     except GatewayError as exc:  # 401 not a valid key; 429 the address is throttled
         r = _login_page("That key is not valid (unknown, expired or revoked)."
                         if exc.status == 401 else exc.message, exc.status)
@@ -322,8 +322,8 @@ def _key_json(k: Principal, now: datetime) -> dict[str, Any]:
         "created_at": k.created_at.isoformat(),
         "expires_at": k.expires_at.isoformat() if k.expires_at else None,
         "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
-        "max_priority": k.max_priority,
-        "default_priority": k.default_priority,
+        "max_priority": k.max_priority.label,
+        "default_priority": k.default_priority.label,
         "weight": k.weight,
     }
 

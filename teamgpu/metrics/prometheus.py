@@ -47,6 +47,7 @@ from prometheus_client.registry import Collector
 
 from teamgpu.metrics.gpu import GpuSample
 from teamgpu.metrics.ttft import MinutePoint, TtftSummary, TtftWindow
+from teamgpu.scheduler.priority import PriorityClass
 
 log = logging.getLogger("teamgpu.metrics")
 
@@ -59,7 +60,7 @@ __all__ = [
     "GatewayMetrics",
 ]
 
-PRIORITIES = ("high", "normal", "low")
+PRIORITIES = PriorityClass.labels()
 
 #: Time to first token: an IDE completion should start within 100-250 ms; a queued batch
 #: request may wait a minute.

@@ -1,4 +1,5 @@
-"""Priority classes.
+"""Priority classes, used end to end: keys (ceiling and default), the ``X-Priority``
+header, the scheduler, the audit row and metric labels (by :attr:`PriorityClass.label`).
 
 The int value of a class is also what the gateway sends upstream as vLLM's ``priority``
 field (vLLM started with ``--scheduling-policy priority`` serves lower values first), so
@@ -54,6 +55,22 @@ class PriorityClass(IntEnum):
                 f"invalid priority {value!r}: expected one of high, normal, low "
                 "(aliases: interactive, batch)"
             ) from None
+
+    @property
+    def label(self) -> str:
+        """The class's name as clients, the audit log and metric labels spell it:
+        ``high``, ``normal`` or ``low``."""
+        return self.name.lower()
+
+    @classmethod
+    def accepted_names(cls) -> tuple[str, ...]:
+        """Every name :meth:`parse` takes: the labels and the aliases."""
+        return tuple(_ALIASES)
+
+    @classmethod
+    def labels(cls) -> tuple[str, ...]:
+        """Every class's label, best first: ``("high", "normal", "low")``."""
+        return tuple(c.label for c in cls)
 
     def capped(self, ceiling: PriorityClass) -> PriorityClass:
         """This class, or ``ceiling`` if this one is above it (a key's ``--max-priority``)."""

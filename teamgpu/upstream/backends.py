@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,9 +185,10 @@ class BackendPool:
         """Backends that serve ``served`` (up or down)."""
         return [b for b in self.backends if served in b.models]
 
-    def pick(self, served: str) -> Backend | None:
-        """The up backend serving ``served`` with the fewest requests in flight."""
-        ups = [b for b in self.candidates(served) if b.up]
+    def pick(self, served: str, *, exclude: Collection[str] = ()) -> Backend | None:
+        """The up backend serving ``served`` with the fewest requests in flight, leaving
+        out the base URLs in ``exclude`` (backends already tried for this request)."""
+        ups = [b for b in self.candidates(served) if b.up and b.url not in exclude]
         return min(ups, key=lambda b: b.in_flight) if ups else None
 
     def any_up(self) -> bool:

@@ -12,7 +12,7 @@ import orjson
 from teamgpu.errors import GatewayError, error_json
 from teamgpu.upstream.client import UpstreamResponse
 from teamgpu.upstream.sse import SSEParseError, SSEParser
-from teamgpu.upstream.usage import StreamAccount
+from teamgpu.upstream.usage import EventAccount
 
 log = logging.getLogger("teamgpu.relay")
 
@@ -29,7 +29,7 @@ def mid_stream_error_event(message: str, code: str = "backend_error") -> bytes:
 
 
 async def read_first_event(
-    resp: UpstreamResponse, parser: SSEParser, account: StreamAccount
+    resp: UpstreamResponse, parser: SSEParser, account: EventAccount
 ) -> tuple[list[bytes], Any]:
     """Read until the first complete data event (or the end of the stream).
 
@@ -62,7 +62,8 @@ class StreamRelay:
     usage chunk the gateway asked for can be left out; otherwise raw reads are forwarded
     unchanged. A disconnect of the client cancels the relay at once and closes the
     backend connection (vLLM then aborts the request, fault F4). A backend failure after
-    the stream started ends it with an SSE error event (fault F13). ``on_finishing`` is
+    the stream started ends it with an SSE error event in the client API's shape
+    (``error_event(message, code)``; fault F13). ``on_finishing`` is
     awaited just before the client can see the stream end, ``on_end`` after it ended.
     """
 
@@ -72,13 +73,14 @@ class StreamRelay:
         first_chunks: list[bytes],
         rest: Any,
         parser: SSEParser,
-        account: StreamAccount,
+        account: EventAccount,
         *,
         headers: list[tuple[bytes, bytes]],
-        on_chunk: Callable[[StreamAccount], None] | None,
+        on_chunk: Callable[[EventAccount], None] | None,
         on_end: Callable[[str, str | None], Awaitable[None]],
         backend_url: str,
         on_finishing: Callable[[], Awaitable[None]] | None = None,
+        error_event: Callable[[str, str], bytes] = mid_stream_error_event,
     ) -> None:
         self.upstream = upstream
         self.first_chunks = first_chunks
@@ -90,6 +92,7 @@ class StreamRelay:
         self.on_end = on_end
         self.backend_url = backend_url
         self.on_finishing = on_finishing
+        self.error_event = error_event
         self.outcome = "ok"
         self.error: str | None = None
 
@@ -189,7 +192,7 @@ class StreamRelay:
         so the error event is not glued to its half."""
         if self.parser.pending and not self.account.strip_usage_chunk:
             await send(self._body(b"\n\n"))
-        await send(self._body(mid_stream_error_event(message, code)))
+        await send(self._body(self.error_event(message, code)))
 
     @staticmethod
     def _body(b: bytes) -> dict[str, Any]:

@@ -53,16 +53,27 @@ def text_from_body(body: bytes) -> str | None:
 
 
 @dataclass
-class StreamAccount:
-    """Watches the events of one stream.
+class EventAccount:
+    """Watches the events of one stream, for any client API (see :class:`StreamAccount`
+    for OpenAI's chunks). The relay reads these fields; a subclass fills them in
+    :meth:`observe`.
 
     Attributes:
-        usage: from the backend's usage chunk when it came; else ``completion_tokens`` is
-            the number of chunks that carried generated content (vLLM sends one chunk per
-            decoding step, so this counts the tokens actually produced when a client
-            disconnects before the usage chunk).
-        first_token_at: ``time.perf_counter()`` of the first chunk with generated content.
+        strip_usage_chunk: the client did not ask for the usage event the gateway asked
+            for on its behalf: :meth:`observe` returns False for it.
+        keep_text: keep the generated text (``store_prompts``).
+        usage: from the backend's usage event(s) when they came (``usage_seen``).
+        content_chunks: events that carried generated content (vLLM sends one per
+            decoding step, so this counts the tokens produced when a client disconnects
+            before usage arrives); charged to the user's fair share as they stream.
+        first_token_at: ``time.perf_counter()`` of the first event with generated content.
+        done: the stream's own end marker arrived (OpenAI's ``[DONE]``, Anthropic's
+            ``message_stop``, the Responses API's final event).
         error: the message of an error event sent by the backend inside the stream.
+        first_error_body: the error event's data when it was the stream's first event:
+            the stream is then answered as a non-200 JSON error instead (fault F13).
+        events: data events seen.
+        text: generated text pieces (only with ``keep_text``).
     """
 
     strip_usage_chunk: bool = False
@@ -76,6 +87,31 @@ class StreamAccount:
     first_error_body: bytes | None = None
     events: int = 0
     text: list[str] = field(default_factory=list)
+
+    def observe(self, ev: SSEEvent) -> bool:
+        """Account for one event. Returns False when the client must not receive it."""
+        raise NotImplementedError
+
+    def produced(self, piece: str | None) -> None:
+        """Count one event that carried generated content (``piece``: its text)."""
+        self.content_chunks += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if piece and self.keep_text:
+            self.text.append(piece)
+
+    def final_usage(self, estimated_prompt_tokens: int = 0) -> Usage:
+        """Usage to record: the backend's, else the content events counted so far."""
+        if self.usage_seen:
+            return self.usage
+        return Usage(estimated_prompt_tokens, self.content_chunks)
+
+
+@dataclass
+class StreamAccount(EventAccount):
+    """Watches the chunks of an OpenAI chat or completions stream (``data: {...}``
+    events ending with ``data: [DONE]``; usage in the chunk ``stream_options.include_usage``
+    asks for)."""
 
     def observe(self, ev: SSEEvent) -> bool:
         """Account for one event. Returns False when the client must not receive it
@@ -100,8 +136,9 @@ class StreamAccount:
                 self.first_error_body = data.encode()
             return True
         choices = obj.get("choices")
-        produced = False
         if choices:
+            produced = False
+            texts: list[str] = []
             for ch in choices:
                 delta = ch.get("delta")
                 piece = None
@@ -115,12 +152,9 @@ class StreamAccount:
                     piece = ch.get("text")
                 if piece:
                     produced = True
-                    if self.keep_text:
-                        self.text.append(piece)
+                    texts.append(piece)
             if produced:
-                self.content_chunks += 1
-                if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
+                self.produced("".join(texts))
         u = _usage(obj.get("usage"))
         if u is not None:
             self.usage = u
@@ -128,9 +162,3 @@ class StreamAccount:
             if self.strip_usage_chunk and not choices:
                 return False
         return True
-
-    def final_usage(self, estimated_prompt_tokens: int = 0) -> Usage:
-        """Usage to record: the backend's, else the content chunks counted so far."""
-        if self.usage_seen:
-            return self.usage
-        return Usage(estimated_prompt_tokens, self.content_chunks)

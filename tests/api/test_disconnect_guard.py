@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from teamgpu.api.proxy import ClientDisconnected, DisconnectGuard
+from teamgpu.api.guard import ClientDisconnected, DisconnectGuard
 
 
 class FakeRequest:

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from teamgpu import errors
-from teamgpu.api.proxy import _backend_status_error
+from teamgpu.upstream.backend_errors import error_from_backend
 from teamgpu.errors import GatewayError
 
 KEYS = {"message", "type", "param", "code"}
@@ -44,8 +44,8 @@ def vllm(message: str, code: int = 400) -> bytes:
 
 
 def test_bare_404_names_the_missing_endpoint() -> None:
-    exc = _backend_status_error(404, orjson.dumps({"detail": "Not Found"}), "http://b",
-                                endpoint="embeddings", model="m")
+    exc = error_from_backend(404, orjson.dumps({"detail": "Not Found"}), "http://b",
+                            path="/v1/embeddings", model="m")
     assert exc.status == 404
     assert exc.message.startswith("the backend serving 'm' does not offer /v1/embeddings")
 
@@ -53,21 +53,21 @@ def test_bare_404_names_the_missing_endpoint() -> None:
 def test_context_length_error_is_400_with_its_code() -> None:
     msg = ("This model's maximum context length is 2048 tokens. However, you requested "
            "5000 tokens (10 in the messages, 4990 in the completion).")
-    exc = _backend_status_error(400, vllm(msg), "http://b")
+    exc = error_from_backend(400, vllm(msg), "http://b")
     assert (exc.status, exc.code, exc.message) == (400, "context_length_exceeded", msg)
     assert exc.outcome == "backend_rejected"
 
 
 def test_other_4xx_keep_status_message_and_string_code() -> None:
-    exc = _backend_status_error(404, orjson.dumps({"error": {
+    exc = error_from_backend(404, orjson.dumps({"error": {
         "message": "The model `x` does not exist.", "type": "NotFoundError",
         "param": "model", "code": "model_not_found"}}), "http://b")
     # vLLM's exception-named type becomes OpenAI's
     assert (exc.status, exc.type, exc.param, exc.code) == (
         404, "invalid_request_error", "model", "model_not_found")
-    exc = _backend_status_error(400, vllm("bad"), "http://b")
+    exc = error_from_backend(400, vllm("bad"), "http://b")
     assert (exc.status, exc.code, exc.message) == (400, "invalid_request", "bad")
-    exc = _backend_status_error(422, orjson.dumps({"detail": "field required"}), "http://b")
+    exc = error_from_backend(422, orjson.dumps({"detail": "field required"}), "http://b")
     assert (exc.status, exc.message) == (422, "field required")
 
 
@@ -76,14 +76,14 @@ def test_other_4xx_keep_status_message_and_string_code() -> None:
                                                    (503, "Wed, 21 Oct 2015 07:28:00 GMT", "2")])
 def test_429_and_503_carry_an_integer_retry_after(status: int, header: str | None,
                                                    retry: str) -> None:
-    exc = _backend_status_error(status, b"busy", "http://b", header)
+    exc = error_from_backend(status, b"busy", "http://b", header)
     assert exc.status == status
     assert exc.headers["Retry-After"] == retry
 
 
 @pytest.mark.parametrize("status", [500, 501, 502, 504, 401, 403])
 def test_backend_failures_and_refusals_are_502(status: int) -> None:
-    exc = _backend_status_error(status, b"<html>oops</html>", "http://b")
+    exc = error_from_backend(status, b"<html>oops</html>", "http://b")
     assert exc.status == 502 and exc.code == "backend_error"
     assert str(status) in exc.message
 

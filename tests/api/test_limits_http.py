@@ -101,7 +101,7 @@ def fire(h: Harness, secret: str, bodies: list[dict[str, Any]]) -> list[httpx.Re
 
 def status(h: Harness, p: Principal) -> LimitStatus:
     """The key's standing, read in the gateway's own event loop."""
-    result: LimitStatus = h.thread.call(h.gw.limiter.status(p.key_id, h.gw.key_limits(p)))
+    result: LimitStatus = h.thread.call(h.gw.limiter.status(p.key_id, h.gw.limits.for_key(p)))
     return result
 
 
@@ -487,7 +487,7 @@ def test_team_defaults_apply_to_keys_without_their_own(fake_server: ServerThread
     with start_gateway(tmp_path, [fake_server.url], default_rpm=3, default_tpm=1000,
                        default_max_concurrent=2, default_daily_tokens=100_000) as gw:
         plain, p = new_key(gw)
-        assert gw.gw.key_limits(p) == KeyLimits(3, 1000, 2, 100_000)
+        assert gw.gw.limits.for_key(p) == KeyLimits(3, 1000, 2, 100_000)
         c = gw.client(plain)
         for i in range(3):
             r = post(c, chat(10))

@@ -133,9 +133,9 @@ def wait_queue(s: Setup, **depth: int) -> dict[str, Any]:
 
 def wait_idle(s: Setup) -> None:
     wait_until(lambda: s.fake.active == 0 and s.h.gw.pool.backends[0].in_flight == 0
-               and all(a.in_flight == 0 for a in s.h.gw.admission.values()),
+               and all(a.in_flight == 0 for a in s.h.gw.admissions.admissions.values()),
                5.0, "an idle gateway and backend")
-    if s.h.gw.admission:
+    if s.h.gw.admissions.admissions:
         wait_queue(s, total=0)
 
 
@@ -469,7 +469,7 @@ def test_client_that_disconnects_while_queued_leaves_the_queue_at_once(
     assert time.monotonic() - left_at < 1.0
     row = main.h.wait_row(rid)
     assert (row["status"], row["outcome"]) == (499, "client_disconnected")
-    assert main.h.gw.admission[MODEL].stats().removed_total >= 1
+    assert main.h.gw.admissions.admissions[MODEL].stats().removed_total >= 1
     hs.release_all()
     wait_idle(main)
     assert all(x["request_id"] != rid for x in main.fake.requests)

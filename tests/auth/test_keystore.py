@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Engine, update
 
 from teamgpu.auth.keys import KEY_PREFIX, KeyError_, KeyStore, hash_key, new_secret, utcnow
+from teamgpu.scheduler.priority import PriorityClass
 from teamgpu.store.db import open_store
 from teamgpu.store.tables import api_keys
 
@@ -123,7 +124,7 @@ def test_rotate_with_grace_keeps_the_old_key_working(ks: KeyStore) -> None:
     assert new_secret_ != old_secret and new.key_id != old.key_id
     assert new.rotated_from == old.key_id
     assert (new.user, new.is_admin, new.max_priority, new.weight, new.rpm, new.max_concurrent) \
-        == ("erin", True, "normal", 2.5, 7, 2)
+        == ("erin", True, PriorityClass.NORMAL, 2.5, 7, 2)
     assert ks.verify(old_secret) is not None
     assert ks.verify(new_secret_) is not None
     later = utcnow() + timedelta(hours=1, seconds=1)
@@ -155,7 +156,7 @@ def test_rotate_a_user_with_several_keys_needs_the_id(ks: KeyStore) -> None:
 def test_update(ks: KeyStore) -> None:
     ks.create("ivy")
     (u,) = ks.update("ivy", rpm=10, weight=3.0, default_priority="low", tpm=None)
-    assert (u.rpm, u.weight, u.default_priority, u.tpm) == (10, 3.0, "low", None)
+    assert (u.rpm, u.weight, u.default_priority, u.tpm) == (10, 3.0, PriorityClass.LOW, None)
     with pytest.raises(KeyError_):
         ks.update("ivy", rpm=-1)
     with pytest.raises(KeyError_):

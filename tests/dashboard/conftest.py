@@ -12,8 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from teamgpu.api import observability
-from teamgpu.dashboard import routes as dashboard_routes
 from tests.support.fake_backend import ServerThread
 from tests.support.harness import Harness, start_gateway
 
@@ -21,8 +19,6 @@ from tests.support.harness import Harness, start_gateway
 @contextlib.contextmanager
 def dashboard_gateway(data_dir: Path, backends: list[str], **settings: Any) -> Iterator[Harness]:
     with start_gateway(data_dir, backends, **settings) as h:
-        h.app.router.routes[0:0] = [*observability.starlette_routes(),
-                                    *dashboard_routes.starlette_routes()]
         yield h
 
 

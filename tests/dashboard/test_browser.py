@@ -28,7 +28,6 @@ from typing import Any
 import httpx
 import pytest
 
-from teamgpu.api.observability import gateway_metrics
 from teamgpu.metrics import GpuSample
 from teamgpu.scheduler import Admission, FairQueueConfig, QueuedRequest
 from tests.support.fake_backend import MODEL, ServerThread
@@ -106,9 +105,9 @@ def test_sign_in_see_stats_revoke_a_key(driver: Any, fake_server: ServerThread,
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with dashboard_gateway(tmp_path / "gw", [fake_server.url]) as h:
-        gpu_samples = [GPU]
-        h.gw.metrics = gateway_metrics(h.gw, gpu=lambda: list(gpu_samples))
+    gpu_samples = [GPU]
+    with dashboard_gateway(tmp_path / "gw", [fake_server.url],
+                           gpu=lambda: list(gpu_samples)) as h:
         seed_ttft_history(h)
         keys = {u: h.gw.keys.create(u)[0] for u in ("bob", "carol", "dana")}
         keys["alice"] = h.user_key
@@ -143,13 +142,14 @@ def test_sign_in_see_stats_revoke_a_key(driver: Any, fake_server: ServerThread,
                    what="two streams in flight")
 
         # the scheduler: both slots taken, three requests waiting
-        prev_admission = getattr(h.gw, "admission", None)
+        prev_admissions = dict(h.gw.admissions.admissions)
         waiting: list[asyncio.Task[Any]] = []
 
         async def queue_up() -> list[Any]:
             adm = Admission(FairQueueConfig(reserved_slots_high=0, reserved_slots_normal=0),
                             capacity=2)
-            h.gw.admission = adm
+            h.gw.admissions.admissions.clear()  # the dashboard shows this one's queue
+            h.gw.admissions.admissions["queued"] = adm
             leases = [await adm.acquire(QueuedRequest(f"s{i}", "bob", "low")) for i in range(2)]
             for rid, user, cls in (("w1", "alice", "high"), ("w2", "bob", "low"),
                                    ("w3", "bob", "low")):
@@ -248,7 +248,8 @@ def test_sign_in_see_stats_revoke_a_key(driver: Any, fake_server: ServerThread,
             WebDriverWait(driver, 10).until(ec.url_contains("/dashboard/login"))
         finally:
             async def drain() -> None:
-                h.gw.admission = prev_admission
+                h.gw.admissions.admissions.clear()
+                h.gw.admissions.admissions.update(prev_admissions)
                 for lease in leases:
                     lease.release()
                 for task in asyncio.as_completed(waiting):

@@ -60,7 +60,7 @@ def test_interactive_request_skips_a_queued_batch_flood(gw: Harness,
                             "max_tokens": 256, "ignore_eos": True})
 
     def queued_low() -> int:
-        adm = gw.gw.admission.get(model)
+        adm = gw.gw.admissions.admissions.get(model)
         return 0 if adm is None else adm.stats().queued[2]
 
     with ThreadPoolExecutor(max_workers=6) as pool:

@@ -11,12 +11,11 @@ from typing import Any
 
 import httpx
 
-from teamgpu.api.observability import metrics_of
 from teamgpu.scheduler import Admission, FairQueueConfig, QueuedRequest
 from tests.support.fake_backend import MODEL, ServerThread
 from tests.support.harness import Harness, assert_openai_error, wait_until
 
-from .conftest import needs_request_path_wiring, observed_gateway
+from .conftest import observed_gateway
 from .exposition import samples, value
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -77,7 +76,7 @@ def test_queue_depth_while_requests_wait(obs: Harness) -> None:
 
     async def fill() -> Any:
         adm = Admission(cfg, capacity=1)
-        obs.gw.admission = adm
+        obs.gw.admissions.admissions["queued"] = adm
         lease = await adm.acquire(QueuedRequest("r0", "alice", "high"))
         for i, (user, cls) in enumerate([("alice", "high"), ("bob", "low"), ("bob", "low"),
                                          ("carol", "normal")]):
@@ -107,7 +106,7 @@ def test_queue_depth_while_requests_wait(obs: Harness) -> None:
         sched = obs.client("admin").get("/stats").json()["scheduler"]
         assert sched["admitted_total"] == 5
     finally:
-        obs.gw.admission = None
+        obs.gw.admissions.admissions.pop("queued", None)
 
 
 def test_stats_needs_an_admin_key(obs: Harness) -> None:
@@ -153,7 +152,7 @@ def test_stats_reports_today_per_user_from_the_audit_log(obs: Harness) -> None:
 
 
 def test_stats_ttft_comes_from_the_metrics_window(obs: Harness) -> None:
-    m = metrics_of(obs.gw)
+    m = obs.gw.metrics
     now = time.time()
     for ttft in (0.05, 0.1, 0.2, 1.5):
         m.ttft_window.add(ttft, now)
@@ -169,7 +168,6 @@ def _delta(before: str, after: str, name: str, **labels: str) -> float:
     return (value(after, name, **labels) or 0.0) - (value(before, name, **labels) or 0.0)
 
 
-@needs_request_path_wiring
 def test_requests_tokens_and_latencies_move_after_real_requests(obs: Harness) -> None:
     before = scrape(obs)
     c = obs.client("user")
@@ -200,7 +198,6 @@ def test_requests_tokens_and_latencies_move_after_real_requests(obs: Harness) ->
     assert s["ttft"]["count"] >= 2
 
 
-@needs_request_path_wiring
 def test_rate_limited_counts_refusals(fake_server: ServerThread, tmp_path: Path) -> None:
     with observed_gateway(tmp_path, [fake_server.url], default_rpm=1) as h:
         c = h.client("user")

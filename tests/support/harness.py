@@ -21,7 +21,11 @@ from typing import Any
 import httpx
 
 from teamgpu.app import create_app
+from teamgpu.auth.keys import KeyStore
+from teamgpu.gateway import Gateway
+from teamgpu.metrics.prometheus import GpuSource
 from teamgpu.settings import Settings
+from teamgpu.store.db import open_store
 from tests.support.fake_backend import ServerThread
 
 __all__ = [
@@ -94,8 +98,9 @@ class Harness:
         return self.thread.url
 
     @property
-    def gw(self) -> Any:
-        return self.app.state.gw
+    def gw(self) -> Gateway:
+        """The running gateway's services (set by the app's lifespan)."""
+        return self.app.state.gw  # type: ignore[no-any-return]
 
     @property
     def data_dir(self) -> Path:
@@ -147,15 +152,20 @@ class Harness:
 
 
 @contextlib.contextmanager
-def start_gateway(data_dir: Path, backends: list[str], **settings: Any) -> Iterator[Harness]:
-    """Serve a gateway on loopback in front of ``backends`` with ``settings`` overrides.
+def start_gateway(data_dir: Path, backends: list[str], *, gpu: GpuSource | None = None,
+                  **settings: Any) -> Iterator[Harness]:
+    """Serve a gateway on loopback in front of ``backends`` with ``settings`` overrides
+    (and ``gpu`` as the metrics' GPU source).
 
-    Creates an admin key (user ``root``) and a user key (user ``alice``).
+    Creates an admin key (user ``root``) and a user key (user ``alice``) in its store
+    before it starts, as ``teamgpu up`` does with its first-run key.
     """
     s = Settings(data_dir=data_dir, backends=backends, **settings)
-    app = create_app(s)
-    admin_key, _ = app.state.gw.keys.create("root", admin=True)
-    user_key, _ = app.state.gw.keys.create("alice")
+    store = open_store(s.db_url)
+    keys = KeyStore(store)
+    admin_key, _ = keys.create("root", admin=True)
+    user_key, _ = keys.create("alice")
+    app = create_app(s, store=store, gpu=gpu)
     with ServerThread(app) as thread:
         h = Harness(app=app, thread=thread, settings=s, admin_key=admin_key, user_key=user_key)
         try:
