@@ -23,7 +23,7 @@ the file. Every form was checked against the client's own format, as named here:
   ``/v1/messages/count_tokens``) to ``ANTHROPIC_BASE_URL``, the gateway's base without
   ``/v1``, with ``ANTHROPIC_AUTH_TOKEN`` sent as ``Authorization: Bearer``. The model
   goes in ``ANTHROPIC_MODEL`` and in the alias variables ``ANTHROPIC_DEFAULT_OPUS_MODEL``,
-  ``_SONNET_`` (since 1.0.88) and ``_HAIKU_`` (since 2.0.17; background tasks), plus the
+  ``_SONNET_`` (since 1.0.88) and ``_HAIKU_`` (by 2.0.17; background tasks), plus the
   deprecated ``ANTHROPIC_SMALL_FAST_MODEL`` for older releases, so that no request names
   a Claude model the gateway does not serve. With a known context length,
   ``CLAUDE_CODE_MAX_OUTPUT_TOKENS`` and ``CLAUDE_CODE_AUTO_COMPACT_WINDOW`` keep requests
@@ -499,6 +499,6 @@ def connect(target: str, url: str, key: str, model: str | None,
         if name not in listed:
             click.echo(f"note: {name} is not in {base}/models for this key", err=True)
     setup = render(target, fmt, base, key, choose_models(cards, given), cards, ca)
-    click.echo(setup.text)
+    click.echo(setup.text.rstrip("\n"))
     for line in setup.notes:
         click.echo(line, err=True)
