@@ -8,6 +8,12 @@ after ``SLOW_POLLS_BEFORE_DOWN`` slow polls in a row, because an engine busy on 
 machine answers its health check late while it keeps serving. A backend is put back when
 a poll succeeds again. The last known model list is kept while it is down, so a
 client asking for a known model gets 503 with ``Retry-After`` rather than 404.
+
+Choosing a backend (:meth:`BackendPool.pick`): among the up backends serving the model that
+are not draining (:meth:`BackendPool.drain`) and not excluded by the caller, the fewest
+requests in flight; or, with ``routing="affinity"`` and a routing key, the backend that
+served the prompt's prefix unless it is much busier (:mod:`teamgpu.upstream.routing`). A
+backend that goes down is forgotten by the router: a restarted engine's cache is empty.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
 from teamgpu.upstream.client import UpstreamClient
+from teamgpu.upstream.routing import PrefixRouter, RoutingKey
 
 log = logging.getLogger("teamgpu.backends")
 
@@ -40,6 +47,8 @@ class Backend:
         up: answered its last health poll.
         models: served model name -> model card (from ``/v1/models``).
         in_flight: requests this gateway has open on it.
+        draining: being stopped: :meth:`BackendPool.pick` gives it no new requests while
+            those in flight finish.
     """
 
     url: str
@@ -49,6 +58,12 @@ class Backend:
     last_change: float = field(default_factory=time.monotonic)
     last_error: str | None = None
     slow_polls: int = 0
+    draining: bool = False
+
+    @property
+    def drained(self) -> bool:
+        """Draining and nothing in flight any more: safe to stop."""
+        return self.draining and self.in_flight == 0
 
     def mark(self, up: bool, error: str | None = None) -> None:
         if up != self.up:
@@ -62,7 +77,18 @@ class Backend:
 
 
 class BackendPool:
-    """The backends and a health-poll task. Create and start inside the event loop."""
+    """The backends and a health-poll task. Create and start inside the event loop.
+
+    Args:
+        urls: base URLs of the backends, without ``/v1``.
+        client: the HTTP client for health polls.
+        health_interval_s: seconds between two polls of each backend.
+        aliases: extra model names -> served model names.
+        routing: ``affinity`` (prefix affinity balanced against load, when :meth:`pick`
+            gets a routing key) or ``least_loaded`` (keys are ignored).
+        router: the prefix router (a fresh :class:`PrefixRouter` with its defaults when
+            None).
+    """
 
     def __init__(
         self,
@@ -71,11 +97,15 @@ class BackendPool:
         *,
         health_interval_s: float = 2.0,
         aliases: dict[str, str] | None = None,
+        routing: Literal["affinity", "least_loaded"] = "affinity",
+        router: PrefixRouter | None = None,
     ) -> None:
         self.backends = [Backend(u) for u in urls]
         self.client = client
         self.health_interval_s = health_interval_s
         self.aliases = dict(aliases or {})
+        self.routing = routing
+        self.router = router if router is not None else PrefixRouter()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -113,6 +143,14 @@ class BackendPool:
 
     async def poll(self, b: Backend) -> None:
         """One health check: ``/health`` (404 tolerated for non-vLLM servers), then models."""
+        was_up = b.up
+        try:
+            await self._poll(b)
+        finally:
+            if was_up and not b.up:
+                self.router.forget(b.url)
+
+    async def _poll(self, b: Backend) -> None:
         try:
             status, _ = await self.client.get_text(f"{b.url}/health", HEALTH_TIMEOUT_S)
             if status >= 500:
@@ -138,6 +176,8 @@ class BackendPool:
 
     def report_failure(self, b: Backend, error: str) -> None:
         """The request path could not reach ``b``: mark it down and re-poll soon."""
+        if b.up:
+            self.router.forget(b.url)
         b.mark(False, error)
         self._wake.set()
 
@@ -185,11 +225,73 @@ class BackendPool:
         """Backends that serve ``served`` (up or down)."""
         return [b for b in self.backends if served in b.models]
 
-    def pick(self, served: str, *, exclude: Collection[str] = ()) -> Backend | None:
-        """The up backend serving ``served`` with the fewest requests in flight, leaving
-        out the base URLs in ``exclude`` (backends already tried for this request)."""
-        ups = [b for b in self.candidates(served) if b.up and b.url not in exclude]
-        return min(ups, key=lambda b: b.in_flight) if ups else None
+    def pick(self, served: str, route_key: RoutingKey | None = None, *,
+             exclude: Collection[str] = ()) -> Backend | None:
+        """The backend for a request to ``served``, or None when none can take it (503).
+
+        Candidates are the up backends serving ``served`` that are not draining and whose
+        URL is not in ``exclude`` (a failover retry passes the backend that just failed).
+        Without ``route_key``, or with ``routing="least_loaded"``: the fewest requests in
+        flight, the first in pool order on a tie. With a key: the router's choice
+        (:meth:`PrefixRouter.choose`): the backend holding the longest prefix of the
+        prompt unless it is much busier, else the least-loaded one.
+
+        Picking records nothing: call :meth:`record` once the request was sent.
+        """
+        ups = [b for b in self.candidates(served)
+               if b.up and not b.draining and b.url not in exclude]
+        if not ups:
+            return None
+        if route_key is None or self.routing != "affinity":
+            return min(ups, key=lambda b: b.in_flight)
+        url = self.router.choose(served, [b.url for b in ups], route_key,
+                                 {b.url: b.in_flight for b in ups})
+        return next(b for b in ups if b.url == url)
+
+    def record(self, served: str, route_key: RoutingKey | None, backend: Backend) -> None:
+        """``backend`` was sent a request to ``served`` with ``route_key``: it now holds
+        that prefix in its cache. Nothing happens without a key or with
+        ``routing="least_loaded"``."""
+        if route_key is not None and self.routing == "affinity":
+            self.router.record(served, route_key, backend.url)
+
+    def backend(self, url: str) -> Backend:
+        """The backend with base URL ``url`` (a trailing ``/`` is ignored).
+
+        Raises:
+            KeyError: no backend has that URL.
+        """
+        url = url.rstrip("/")
+        for b in self.backends:
+            if b.url == url:
+                return b
+        raise KeyError(url)
+
+    def drain(self, url: str) -> Backend:
+        """Give the backend at ``url`` no new requests; those in flight finish. Wait for
+        ``Backend.drained`` before stopping it. Its router entries are kept (an
+        :meth:`undrain` finds its cache as it was).
+
+        Raises:
+            KeyError: no backend has that URL.
+        """
+        b = self.backend(url)
+        if not b.draining:
+            log.info("backend %s is draining (%d in flight)", b.url, b.in_flight)
+        b.draining = True
+        return b
+
+    def undrain(self, url: str) -> Backend:
+        """Give the backend at ``url`` new requests again.
+
+        Raises:
+            KeyError: no backend has that URL.
+        """
+        b = self.backend(url)
+        if b.draining:
+            log.info("backend %s takes requests again", b.url)
+        b.draining = False
+        return b
 
     def any_up(self) -> bool:
         return any(b.up for b in self.backends)

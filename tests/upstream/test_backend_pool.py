@@ -1,10 +1,14 @@
-"""BackendPool's model names and backend choice, as a plain data structure (F12)."""
+"""BackendPool's model names, backend choice (least-loaded or by prefix affinity) and
+draining, as a plain data structure (F12; issue 12, point 5)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from teamgpu.upstream.backends import BackendPool
+from teamgpu.upstream.routing import RoutingKey, routing_key
 
 
 def pool(aliases: dict[str, str] | None = None) -> BackendPool:
@@ -48,6 +52,101 @@ def test_pick_prefers_the_least_loaded_up_backend() -> None:
     assert not p.any_up()
 
 
+def long_chat(turns: int, system: str = "You are the build bot. " * 120) -> dict[str, Any]:
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": system}]
+    for t in range(turns):
+        if t:
+            msgs.append({"role": "assistant", "content": f"answer {t}"})
+        msgs.append({"role": "user", "content": f"question {t}?"})
+    return {"model": "org/Big-Model", "messages": msgs}
+
+
+def route_key(turns: int) -> RoutingKey:
+    k = routing_key("chat/completions", long_chat(turns))
+    assert k is not None
+    return k
+
+
+def test_pick_with_a_key_follows_the_prefix_unless_much_busier() -> None:
+    p = pool()
+    a, b = p.backends
+    m = "org/Big-Model"
+    first = p.pick(m, route_key(1))
+    assert first is a  # no match, equal loads: the first in round-robin order
+    p.record(m, route_key(1), a)
+    a.in_flight, b.in_flight = 2, 0
+    assert p.pick(m, route_key(2)) is a  # its prefix is on a, 2 more is within the slack
+    assert p.pick(m) is b  # without a key: least-loaded, as before
+    a.in_flight = 3
+    assert p.pick(m, route_key(2)) is b  # 3 more than an idle backend: too busy
+    p.record(m, None, b)  # no key: nothing to record
+    assert p.router.match(m, route_key(2)) == {a.url: len(route_key(1))}
+
+
+def test_least_loaded_routing_ignores_keys() -> None:
+    p = pool()
+    p.routing = "least_loaded"
+    a, b = p.backends
+    m = "org/Big-Model"
+    p.record(m, route_key(1), b)
+    assert len(p.router) == 0
+    p.router.record(m, route_key(1), b.url)
+    assert p.pick(m, route_key(2)) is a  # b holds the prefix, but load alone decides
+
+
+def test_pick_skips_draining_and_excluded_backends() -> None:
+    p = pool()
+    a, b = p.backends
+    m = "org/Big-Model"
+    p.record(m, route_key(1), a)
+    assert p.pick(m, route_key(2), exclude={a.url}) is b  # a failover retry
+    assert p.pick(m, exclude={a.url, b.url}) is None
+    a.in_flight = 1
+    assert p.drain("http://a/") is a and a.draining and not a.drained
+    assert p.pick(m, route_key(2)) is b
+    assert p.pick(m) is b
+    assert p.pick("small") is b
+    p.drain(b.url)
+    assert p.pick(m, route_key(2)) is None and p.pick(m) is None  # 503 until one is back
+    a.in_flight = 0
+    assert a.drained
+    assert p.undrain(a.url) is a and not a.draining and not a.drained
+    assert p.pick(m, route_key(2)) is a  # its prefix entries were kept while draining
+    with pytest.raises(KeyError):
+        p.drain("http://nowhere")
+
+
+def test_a_backend_that_goes_down_is_skipped_and_forgotten() -> None:
+    p = pool()
+    a, b = p.backends
+    m = "org/Big-Model"
+    p.record(m, route_key(3), a)
+    p.report_failure(a, "connection refused")
+    assert p.pick(m, route_key(4)) is b
+    assert p.router.match(m, route_key(4)) == {}
+    a.mark(True)  # back, with an empty cache: load decides until it serves the prefix
+    b.in_flight = 1
+    assert p.pick(m, route_key(4)) is a
+
+
+class DownClient:
+    """An UpstreamClient stand-in whose every request is refused."""
+
+    async def get_text(self, url: str, timeout: float) -> tuple[int, str]:
+        raise ConnectionRefusedError(url)
+
+
+async def test_a_failed_health_poll_forgets_the_backends_prefixes() -> None:
+    p = BackendPool(["http://a", "http://b"], client=DownClient())  # type: ignore[arg-type]
+    a, b = p.backends
+    a.models = b.models = {"m": {"id": "m"}}
+    a.mark(True)
+    b.mark(True)
+    p.record("m", route_key(2), a)
+    await p.poll(a)
+    assert not a.up and p.router.match("m", route_key(2)) == {}
+
+
 def test_card() -> None:
     p = pool()
     card: dict[str, Any] = p.card("small")
@@ -81,9 +180,9 @@ class SlowHealthServer:
 async def test_a_slow_health_check_is_not_a_dead_engine(monkeypatch: Any) -> None:
     """A busy engine answering /health late keeps serving: one or two slow polls leave
     it up; SLOW_POLLS_BEFORE_DOWN in a row mark it down; a refused connection at once."""
-    from tests.support.fake_backend import ServerThread, free_port
     from teamgpu.upstream import backends
     from teamgpu.upstream.client import UpstreamClient
+    from tests.support.fake_backend import ServerThread, free_port
 
     monkeypatch.setattr(backends, "HEALTH_TIMEOUT_S", 0.2)
     app = SlowHealthServer()
