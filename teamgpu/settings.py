@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(
         default=2.0, gt=0, description="How often each backend's /health is polled."
     )
+    routing: Literal["affinity", "least_loaded"] = Field(
+        default="affinity",
+        description="How a request picks among backends serving its model: affinity (the "
+        "backend that served its prompt's prefix, whose vLLM prefix cache still holds it, "
+        "unless that one is much busier) or least_loaded (fewest requests in flight).",
+    )
     backend_down_retry_after_s: int = Field(
         default=5, ge=1, description="Retry-After sent with 503 when no backend is up."
     )
