@@ -4,10 +4,12 @@ When a model runs on several vLLM servers, the next turn of a conversation (or a
 request with the same long prefix) is cheapest on the server that served the prefix: its
 prefix cache still holds the KV blocks, so it skips their prefill. The router remembers
 which backend served which prompt prefix and sends a request there, unless that backend is
-much busier than the least-loaded one. The idea is SGLang's cache-aware load balancer
-(Zheng et al., "SGLang: Efficient Execution of Structured Language Model Programs",
-NeurIPS 2024) and the llm-d / vLLM production-stack "prefix-aware" routers, reduced to
-what a gateway can know without the engine's tokenizer.
+much busier than the least-loaded one. The idea is that of SGLang's cache-aware router
+(sgl-router, SGLang v0.4: an approximate radix tree of each worker's prompts, balanced
+against load, over RadixAttention from Zheng et al., "SGLang: Efficient Execution of
+Structured Language Model Programs", NeurIPS 2024) and of the prefix-aware routing of
+llm-d and vLLM's production-stack, reduced to what a gateway can know without the
+engine's tokenizer.
 
 Two parts, neither doing I/O or reading a clock:
 
@@ -60,7 +62,7 @@ where affinity pays (system prompts, files, conversations of hundreds to thousan
 tokens). Finer blocks would cost more: a 32k-token prompt (about 128 KB) is 500 hashes at
 256 bytes, 2,000 at 64. With 100,000 entries (``DEFAULT_MAX_ENTRIES``) the router covers
 about 25 MB of prompt text, some 6 million tokens, more than the KV caches of several
-large GPUs hold (an 80 GB GPU keeps roughly 0.5-1 million tokens of an 8B model), so the
+large GPUs hold (an 80 GB GPU keeps about half a million tokens of an 8B model), so the
 cap rarely forgets a prefix an engine still has. Token-id prompts (``/v1/completions``
 with a list of ints) are written 4 bytes per token, the same scale.
 
