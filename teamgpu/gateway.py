@@ -119,7 +119,7 @@ class Gateway:
         client = UpstreamClient(connect_timeout_s=s.connect_timeout_s,
                                 read_timeout_s=s.read_timeout_s)
         pool = BackendPool(s.backends, client, health_interval_s=s.health_interval_s,
-                           aliases=s.model_aliases)
+                           aliases=s.model_aliases, routing=s.routing)
         admissions = AdmissionRegistry(fq_config, inflight_per_backend=inflight, pool=pool,
                                        scrape_interval_s=s.engine_metrics_interval_s)
         metrics = GatewayMetrics(

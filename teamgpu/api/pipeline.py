@@ -51,6 +51,7 @@ from teamgpu.upstream.backend_errors import error_from_backend
 from teamgpu.upstream.backends import Backend, BackendPool
 from teamgpu.upstream.client import UpstreamClient, UpstreamResponse
 from teamgpu.upstream.relay import STREAM_HEADERS, StreamRelay, read_first_event
+from teamgpu.upstream.routing import RoutingKey, routing_key
 from teamgpu.upstream.sse import SSEParser
 from teamgpu.upstream.tokenize import PromptCounter
 from teamgpu.upstream.usage import EventAccount, Usage
@@ -303,10 +304,13 @@ class Pipeline:
         body = orjson.dumps(payload)
         headers = {"content-type": "application/json", "accept-encoding": "identity",
                    "x-request-id": ctx.request_id}
+        # prefix affinity only matters when there is a choice of backend (docs/gateway.md)
+        route_key = routing_key(adapter.endpoint, payload) \
+            if len(self.pool.candidates(served)) > 1 else None
         tried: set[str] = set()
         failed: _EngineGone | None = None
         while True:
-            backend = self.pool.pick(served, exclude=tried)
+            backend = self.pool.pick(served, route_key, exclude=tried)
             if backend is None and failed is not None:
                 raise failed.error  # every backend tried failed before answering
             if backend is None:
@@ -320,7 +324,7 @@ class Pipeline:
             job.use_backend(backend)
             try:
                 return await self._answer(ctx, adapter, job, backend, body, headers, served,
-                                          strip_usage, guard, extra_headers)
+                                          route_key, strip_usage, guard, extra_headers)
             except _EngineGone as gone:
                 job.release_backend()
                 failed = gone
@@ -328,8 +332,8 @@ class Pipeline:
 
     async def _answer(self, ctx: RequestCtx, adapter: ProtocolAdapter, job: InFlight,
                       backend: Backend, body: bytes, headers: dict[str, str], served: str,
-                      strip_usage: bool, guard: Guard, extra_headers: dict[str, str]
-                      ) -> Answer:
+                      route_key: RoutingKey | None, strip_usage: bool, guard: Guard,
+                      extra_headers: dict[str, str]) -> Answer:
         """One attempt on ``backend`` (see :meth:`send`).
 
         Raises:
@@ -344,6 +348,7 @@ class Pipeline:
         except ServiceUnavailable as exc:
             self.pool.report_failure(backend, exc.message)
             raise _EngineGone(exc.message, exc) from None
+        self.pool.record(served, route_key, backend)  # its prefix cache now holds the prompt
         try:
             if upstream.status != 200:
                 raw = await guard.run(upstream.read())

@@ -103,7 +103,7 @@ def session_store(request: Request) -> SessionStore:
     if store is None:
         store = SessionStore()
         request.app.state.dashboard_sessions = store
-    return store  # type: ignore[no-any-return]
+    return store
 
 
 def _is_https(request: Request) -> bool:

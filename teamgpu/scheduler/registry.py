@@ -1,8 +1,8 @@
 """Admission per served model, over the backends that serve it.
 
 One :class:`~teamgpu.scheduler.admission.Admission` per served model name; its capacity is
-``inflight_per_backend`` in-flight slots per up backend serving the model (at least one
-backend's worth), and its engine load is that of those backends, scraped from each
+``inflight_per_backend`` in-flight slots per up backend serving the model and not draining
+(at least one backend's worth), and its engine load is that of those backends, scraped from each
 backend's ``/metrics`` by an :class:`~teamgpu.scheduler.engine_load.EngineLoadPoller`.
 """
 
@@ -31,6 +31,8 @@ class BackendView(Protocol):
     def url(self) -> str: ...
     @property
     def up(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
 
 
 class _Backends(Protocol):
@@ -88,7 +90,8 @@ class AdmissionRegistry:
     def for_model(self, served: str) -> Admission:
         """The admission controller of ``served``, its capacity brought up to date with
         the number of up backends serving it."""
-        n_up = max(1, sum(1 for b in self._pool.candidates(served) if b.up))
+        # a draining backend takes no new requests: its slots are not the model's capacity
+        n_up = max(1, sum(1 for b in self._pool.candidates(served) if b.up and not b.draining))
         capacity = self.inflight_per_backend * n_up
         adm = self.admissions.get(served)
         if adm is None:
