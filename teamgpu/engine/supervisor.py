@@ -43,9 +43,11 @@ __all__ = [
     "CPU_DEFAULT_ARGS",
     "CPU_DEFAULT_FLAGS",
     "EngineSpec",
+    "EngineExit",
     "EngineState",
     "EngineSupervisor",
     "build_command",
+    "describe_returncode",
     "engine_arg",
     "free_port",
 ]
@@ -68,6 +70,54 @@ PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 16_384
 KILL_WAIT_S = 5.0  # how long stop() waits for SIGKILLed processes to vanish
+
+
+GROUP_POLL_S = 0.1  # how often the known processes of a running engine are checked
+GROUP_SCAN_S = 2.0  # how often its whole process group is listed (a /proc scan)
+CORE_DEATH_GRACE_S = 10.0  # how long vLLM's API server may live on after its core died
+VLLM_PROCESS_PREFIX = "VLLM::"  # vLLM names its processes VLLM::EngineCore, VLLM::Worker
+
+
+def describe_returncode(returncode: int) -> str:
+    """``exited with status N``, or ``was killed by SIGKILL`` for a negative status (the
+    signal that ended the process, as asyncio reports it)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
+
+
+@dataclass(frozen=True)
+class _LostProcess:
+    pid: int
+    name: str
+    at: float  # time.monotonic() when it was found gone
+
+
+@dataclass(frozen=True)
+class EngineExit:
+    """How a running engine ended.
+
+    Attributes:
+        returncode: the API server's exit status (negative: killed by that signal).
+        lost: one of vLLM's own processes (the engine core) found dead before the API
+            server exited, if any: its death ended the engine.
+    """
+
+    returncode: int
+    lost: _LostProcess | None = None
+
+    def describe(self) -> str:
+        """A log line that names what truly happened, e.g. ``vLLM's engine core
+        (VLLM::EngineCore, pid 5122) died; its API server then exited with status 0``."""
+        server = describe_returncode(self.returncode)
+        if self.lost is None:
+            return f"engine {server}"
+        return (f"vLLM's engine process {self.lost.name} (pid {self.lost.pid}) died; its API "
+                f"server then {server}")
 
 
 class EngineState(enum.StrEnum):
@@ -249,6 +299,42 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (non-zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"], [])
+
+
+def _group_members(pgid: int) -> dict[int, str]:
+    """Live (non-zombie) processes of group ``pgid``: pid -> command name (``comm``)."""
+    members: dict[int, str] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return members
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        fields = rest.split()
+        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            if name.startswith(VLLM_PROCESS_PREFIX):  # comm is cut at 15 characters
+                try:
+                    full = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+                except (OSError, UnicodeDecodeError):
+                    full = ""
+                if full.startswith(name):  # vLLM's setproctitle name, in full
+                    name = full
+            members[int(entry.name)] = name
+    return members
+
+
 def _read_tail(path: Path | None, start: int, max_lines: int) -> list[str]:
     """The last ``max_lines`` non-empty lines written to ``path`` after byte ``start``."""
     if path is None:
@@ -349,8 +435,8 @@ class EngineSupervisor:
             await self.start()
         backoff = self._backoff_initial_s
         while not self._stopping.is_set():
-            returncode = await self._wait_exit_or_stop()
-            if returncode is None:
+            exit_ = await self._wait_exit_or_stop()
+            if exit_ is None:
                 return
             # The API server is gone; its engine core may not be. Clear the group.
             await self._terminate(timeout_s=5.0)
@@ -358,10 +444,8 @@ class EngineSupervisor:
             if ready_at is not None and time.monotonic() - ready_at >= self._healthy_reset_s:
                 backoff = self._backoff_initial_s
             self.restarts += 1
-            self._set_state(
-                EngineState.RESTARTING,
-                f"engine exited with status {returncode}; restarting in {backoff:.1f} s",
-            )
+            self._set_state(EngineState.RESTARTING,
+                            f"{exit_.describe()}; restarting in {backoff:.1f} s")
             if await self._sleep_or_stop(backoff):
                 return
             backoff = min(backoff * 2, self._backoff_max_s)
@@ -477,19 +561,52 @@ class EngineSupervisor:
             await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
         return self._stopping.is_set()
 
-    async def _wait_exit_or_stop(self) -> int | None:
-        """The engine's exit status, or None if :meth:`stop` came first."""
+    async def _wait_exit_or_stop(self) -> EngineExit | None:
+        """How the engine ended, or None if :meth:`stop` came first.
+
+        While waiting, vLLM's processes in the group (listed every ``GROUP_SCAN_S``) are
+        checked every ``GROUP_POLL_S``: when one of
+        vLLM's own processes (the engine core, a worker) dies while the API server lives,
+        the engine is dead (vLLM then answers 500 until its API server exits). The state
+        turns ``restarting`` at once, so the gateway stops sending it requests, and the
+        API server is given ``CORE_DEATH_GRACE_S`` to exit before the group is killed.
+        """
         assert self._process is not None
-        exited = asyncio.ensure_future(self._process.wait())
+        process = self._process
+        exited = asyncio.ensure_future(process.wait())
         stopping = asyncio.ensure_future(self._stopping.wait())
+        lost: _LostProcess | None = None
         try:
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            seen = _group_members(process.pid)
+            next_scan = time.monotonic() + GROUP_SCAN_S
+            while not (exited.done() or stopping.done()):
+                await asyncio.wait({exited, stopping}, timeout=GROUP_POLL_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if exited.done() or stopping.done():
+                    break
+                now = time.monotonic()
+                if lost is None:
+                    gone = [(pid, name) for pid, name in seen.items()
+                            if pid != process.pid and name.startswith(VLLM_PROCESS_PREFIX)
+                            and not _alive(pid)]
+                    if gone:
+                        lost = _LostProcess(gone[0][0], gone[0][1], now)
+                        self._set_state(EngineState.RESTARTING,
+                                        f"vLLM's engine process {lost.name} (pid {lost.pid}) "
+                                        "died; the engine is stopping")
+                    elif now >= next_scan:  # processes vLLM started since
+                        seen = _group_members(process.pid)
+                        next_scan = now + GROUP_SCAN_S
+                elif now - lost.at >= CORE_DEATH_GRACE_S:
+                    await self._terminate(timeout_s=5.0)  # the API server did not exit
         finally:
             exited.cancel()
             stopping.cancel()
         if self._stopping.is_set():
             return None
-        return self._process.returncode
+        returncode = process.returncode
+        assert returncode is not None
+        return EngineExit(returncode, lost)
 
     async def _terminate(self, timeout_s: float) -> None:
         """SIGTERM the process group, wait up to ``timeout_s`` s, then SIGKILL it."""

@@ -4,9 +4,12 @@ The tests copy this file to ``<tmp>/vllm/entrypoints/openai/api_server.py`` and 
 ``<tmp>`` on PYTHONPATH, so the supervisor's real command line
 (``python -m vllm.entrypoints.openai.api_server --host ... --port ...``) runs it.
 
-Like vLLM it spawns a child process (vLLM's engine core) and, on SIGTERM, stops that
-child and exits. It serves ``GET /health`` (200) and ``GET /crash`` (answers, then exits
-with status 3 at once, leaving its child behind, as a crash would).
+Like vLLM it spawns a child process (vLLM's engine core, named ``VLLM::EngineCore`` as
+vLLM names it) and, on SIGTERM, stops that child and exits. When the child dies on its
+own (``kill -9`` of the engine core), it exits with status 0 a moment later, as vLLM's
+API server does. It serves ``GET /health`` (200, 500 once the child died) and
+``GET /crash`` (answers, then exits with status 3 at once, leaving its child behind, as
+a crash would).
 
 Environment:
     FAKE_ENGINE_DIR: folder for records: ``starts`` (one line per launch: pid and
@@ -31,7 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 STUBBORN_CHILD = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)"
-CHILD = "import time; print('child up', flush=True); time.sleep(600)"
+CHILD = ("import ctypes, time; ctypes.CDLL(None).prctl(15, b'VLLM::EngineCore', 0, 0, 0); "
+         "print('child up', flush=True); time.sleep(600)")
+CORE_DEAD = threading.Event()
 
 
 def crash_soon() -> None:
@@ -43,7 +48,7 @@ def crash_soon() -> None:
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/health":
-            self._reply(200, b"")
+            self._reply(500 if CORE_DEAD.is_set() else 200, b"")
         elif self.path == "/crash":
             self._reply(200, b"crashing")
             threading.Thread(target=crash_soon).start()
@@ -74,16 +79,30 @@ def main() -> None:
 
     stubborn = os.environ.get("FAKE_ENGINE_STUBBORN_CHILD") == "1"
     code = f"{STUBBORN_CHILD}; {CHILD}" if stubborn else CHILD
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    # named as vLLM names it: argv[0] (what setproctitle changes) and comm (prctl, above)
+    child = subprocess.Popen(["VLLM::EngineCore", "-c", code], executable=sys.executable,
+                             stdout=subprocess.PIPE)
     assert child.stdout is not None
     child.stdout.readline()  # its signal disposition is in place
     (records / f"child-{os.getpid()}").write_text(str(child.pid))
 
+    terminating = threading.Event()
+
     def on_sigterm(signum: int, frame: object) -> None:
+        terminating.set()
         child.terminate()
         os._exit(0)
 
+    def watch_core() -> None:
+        child.wait()
+        if not terminating.is_set():  # the engine core died: shut down, status 0
+            CORE_DEAD.set()
+            print("engine core exited unexpectedly; shutting down", flush=True)
+            time.sleep(0.5)
+            os._exit(0)
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    threading.Thread(target=watch_core, daemon=True).start()
 
     delay_s = float(os.environ.get("FAKE_ENGINE_DELAY_S", "0"))
     deadline = time.monotonic() + delay_s

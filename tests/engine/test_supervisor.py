@@ -324,3 +324,52 @@ async def test_engine_dies_with_a_sigkilled_gateway(make_spec: SpecFactory, reco
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(engine_pid, signal.SIGKILL)
+
+
+async def test_a_dead_engine_core_is_named_in_the_log(
+    make_spec: SpecFactory, records: Path, supervisors: list[EngineSupervisor]
+) -> None:
+    """``kill -9`` of vLLM's engine core: its API server exits with status 0 a moment
+    later. The state turns ``restarting`` as soon as the core is gone, and the log names
+    the core's death, not only the API server's status 0."""
+    recorder = Recorder()
+    supervisor = EngineSupervisor(make_spec(), on_state=recorder, backoff_initial_s=0.2)
+    supervisors.append(supervisor)
+    await supervisor.start()
+    assert supervisor.pid is not None
+    core = child_of(records, supervisor.pid)
+    runner = asyncio.create_task(supervisor.run())
+    await asyncio.sleep(0.6)  # the supervisor has seen the group
+    os.kill(core, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while supervisor.restarts < 1 or not supervisor.is_ready():
+        assert time.monotonic() < deadline, recorder.events
+        await asyncio.sleep(0.02)
+    messages = [m for s, m in recorder.events if s is EngineState.RESTARTING]
+    assert messages[0] == (f"vLLM's engine process VLLM::EngineCore (pid {core}) died; "
+                           "the engine is stopping")
+    assert any(m.startswith(f"vLLM's engine process VLLM::EngineCore (pid {core}) died; its "
+                            "API server then exited with status 0; restarting in")
+               for m in messages), messages
+    await supervisor.stop()
+    await asyncio.wait_for(runner, timeout=5.0)
+
+
+async def test_a_killed_engine_is_named_with_its_signal(
+    make_spec: SpecFactory, supervisors: list[EngineSupervisor]
+) -> None:
+    recorder = Recorder()
+    supervisor = EngineSupervisor(make_spec(), on_state=recorder, backoff_initial_s=0.2)
+    supervisors.append(supervisor)
+    await supervisor.start()
+    assert supervisor.pid is not None
+    runner = asyncio.create_task(supervisor.run())
+    os.kill(supervisor.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while supervisor.restarts < 1:
+        assert time.monotonic() < deadline, recorder.events
+        await asyncio.sleep(0.02)
+    assert any(m.startswith("engine was killed by SIGKILL; restarting in")
+               for _, m in recorder.events), recorder.events
+    await supervisor.stop()
+    await asyncio.wait_for(runner, timeout=5.0)
