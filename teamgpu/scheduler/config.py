@@ -37,13 +37,13 @@ class FairQueueConfig:
             ``2 * aging_s`` a ``low`` request is in the top class, where no class can
             overtake it; it starts at the first decision with a non-reserved slot free
             and the engine not saturated at which its user has the smallest counter
-            there. That happens within ``2 * aging_s`` plus the longest running request,
-            provided interactive requests (``high``, ``normal``) alone never fill the
-            non-reserved slots and its user's counter is the smallest; users with smaller
-            counters go first by at most their counter gap plus one request's cost each;
-            if interactive requests alone keep every non-reserved slot busy, ``low``
-            requests do not start at all (docs/scheduler.md, "Aging and the starvation
-            bound"). Default 30.0 s; > 0; ``math.inf`` disables aging (and the bound).
+            there. That happens within ``2 * aging_s`` plus the longest remaining batch
+            request, provided interactive requests (``high``, ``normal``) alone never fill
+            the non-reserved slots, the engine is not saturated and its user's counter is
+            the smallest; users with smaller counters go first by at most their counter
+            gap plus one request's prompt cost each (charged at dispatch); if interactive
+            requests alone keep every non-reserved slot busy, ``low`` requests do not
+            start at all (docs/scheduler.md, "Aging and the starvation bound"). Default 30.0 s; > 0; ``math.inf`` disables aging (and the bound).
         max_queued_per_user: Most requests one user may have waiting; one more is
             rejected with ``UserQueueFull`` (429). Default 256; >= 1.
         max_queued_total: Most requests waiting in all; one more is rejected with
