@@ -4,7 +4,13 @@ Every decision is the fair queue's; this module only counts in-flight slots, wak
 waiter a decision picked, fails the ones that timed out, and re-runs the decision when
 something changed: a push, a release, a removal, a capacity change, a due promotion or
 expiry (one timer at ``FairQueue.next_event_at``), or, while the engine's own load holds
-the lower classes back, every ``engine_load_recheck_ms``. Single event loop, no threads.
+requests back, every ``engine_load_recheck_ms``. Single event loop, no threads.
+
+Whether a request may start depends on its requested class only (after the key's
+ceiling): the reserve (``FairQueueConfig.admission_limit``) and the engine hold-back
+(only requests requested ``high`` while vLLM reports waiting requests or a full KV cache)
+both apply to it, aged or not. Aging orders the requests that may start. So a promotion
+never admits anything by itself; the timer wakes for it only to keep the order current.
 
 Work-conserving: a request is admitted in the same call that made it admissible; the
 queue never returns None while a waiting request may start.
@@ -37,8 +43,9 @@ class Lease:
         user: Who is charged.
         wait_s: Seconds the request waited in the queue.
         priority: The effective class it was admitted in (its requested class, or better
-            if it aged); send ``int(priority)`` as vLLM's ``priority`` so the engine
-            agrees with the gateway's decision.
+            if it aged; the slot it took was one its requested class may use); send
+            ``int(priority)`` as vLLM's ``priority`` so the engine agrees with the
+            gateway's order.
         requested_priority: The class it asked for (after the key's ceiling), e.g. for
             the ``X-Priority`` response header.
     """
@@ -127,6 +134,12 @@ class Lease:
 class Admission:
     """Admits requests to the engine in the fair queue's order.
 
+    A request takes a slot only while its requested class's headroom allows
+    (``FairQueueConfig.admission_limit``), and while the engine is saturated only if it was
+    requested ``high``; aging changes which of the admissible requests goes first, never
+    whether one is admissible (see ``teamgpu.scheduler.fair_queue`` and the starvation
+    bound in docs/scheduler.md).
+
     Args:
         config: The scheduler settings.
         capacity: In-flight slots (``max_inflight_per_backend``; vLLM's
@@ -135,7 +148,9 @@ class Admission:
             timers sleep on the event loop.
         engine_load: Returns the engine's latest load, or None when unknown (then nothing
             is held back); typically ``EngineLoadPoller.latest``. Called on every
-            decision, so it must be cheap and must not block.
+            decision, so it must be cheap and must not block. While it reports waiting
+            requests or a KV cache at ``kv_cache_high_watermark``, only requests
+            requested ``high`` are admitted, aged ones held back too.
 
     Raises:
         SchedulerConfigError: ``capacity`` leaves no slot for low.
@@ -279,7 +294,11 @@ class Admission:
         self._dispatch()
 
     def _lowest_class(self) -> PriorityClass:
-        """LOW normally; HIGH while the engine reports waiting requests or a full cache."""
+        """LOW normally; HIGH while the engine reports waiting requests or a full cache.
+
+        The queue compares it with each request's requested class, so an aged ``low`` or
+        ``normal`` request is held back too.
+        """
         load = self._engine_load() if self._engine_load is not None else None
         self._engine_held = load is not None and (
             load.num_requests_waiting > 0

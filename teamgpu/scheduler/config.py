@@ -30,12 +30,20 @@ class FairQueueConfig:
             the two weights may not both be 0.
         aging_s: A waiting request is promoted one class for every ``aging_s`` seconds it
             has waited, so a ``low`` request competes as ``normal`` after ``aging_s`` and
-            as ``high`` after ``2 * aging_s``. That is the starvation bound: after
-            ``2 * aging_s`` a request is in the top class, where no class can overtake
-            it, and the Virtual Token Counter lets other users get at most about one
-            request's cost each ahead of its user before it is picked (see
-            docs/scheduler.md). Default 30.0 s; > 0; ``math.inf`` disables aging (and the
-            bound).
+            as ``high`` after ``2 * aging_s``. Promotion changes the order only: headroom
+            and the engine hold-back follow the requested class, so an aged ``low``
+            request still starts only while ``in_flight < capacity -
+            reserved_slots_high - reserved_slots_normal``. Starvation bound: after
+            ``2 * aging_s`` a ``low`` request is in the top class, where no class can
+            overtake it; it starts at the first decision with a non-reserved slot free
+            and the engine not saturated at which its user has the smallest counter
+            there. That happens within ``2 * aging_s`` plus the longest remaining batch
+            request, provided interactive requests (``high``, ``normal``) alone never fill
+            the non-reserved slots, the engine is not saturated and its user's counter is
+            the smallest; users with smaller counters go first by at most their counter
+            gap plus one request's prompt cost each (charged at dispatch); if interactive
+            requests alone keep every non-reserved slot busy, ``low`` requests do not
+            start at all (docs/scheduler.md, "Aging and the starvation bound"). Default 30.0 s; > 0; ``math.inf`` disables aging (and the bound).
         max_queued_per_user: Most requests one user may have waiting; one more is
             rejected with ``UserQueueFull`` (429). Default 256; >= 1.
         max_queued_total: Most requests waiting in all; one more is rejected with
@@ -44,15 +52,17 @@ class FairQueueConfig:
             request leaves the queue with ``QueueTimeout`` (503). Default high 60,
             normal 300, low 3600; every class must be present, each > 0 (``math.inf``
             for no timeout).
-        reserved_slots_high: In-flight slots only ``high`` may use: ``normal`` is
-            admitted only while ``in_flight < capacity - reserved_slots_high``.
-            Default 2; >= 0.
-        reserved_slots_normal: Further slots only ``normal`` and ``high`` may use:
-            ``low`` is admitted only while
-            ``in_flight < capacity - reserved_slots_high - reserved_slots_normal``.
-            Default 1; >= 0. The capacity must leave ``low`` at least one slot.
+        reserved_slots_high: In-flight slots only requests requested ``high`` may use:
+            ``normal`` is admitted only while ``in_flight < capacity -
+            reserved_slots_high``, however long it has waited. Default 2; >= 0.
+        reserved_slots_normal: Further slots only requests requested ``normal`` and
+            ``high`` may use: ``low`` is admitted only while
+            ``in_flight < capacity - reserved_slots_high - reserved_slots_normal``,
+            aged or not. Default 1; >= 0. The capacity must leave ``low`` at least one
+            slot.
         kv_cache_high_watermark: Engine KV-cache usage (fraction 0..1, vLLM's
-            ``vllm:kv_cache_usage_perc``) at or above which only ``high`` is admitted.
+            ``vllm:kv_cache_usage_perc``) at or above which only requests requested
+            ``high`` are admitted (aged ones included in the hold-back).
             Default 0.95; in (0, 1].
         engine_load_recheck_ms: While requests wait and the engine's load holds them
             back, re-check the load this often. Default 50 ms; > 0.
@@ -145,7 +155,8 @@ class FairQueueConfig:
         """In-flight count below which a request of class ``priority`` may start.
 
         Args:
-            priority: The request's effective class (after aging).
+            priority: The request's requested class (after the key's ceiling). Aging does
+                not change it: an aged request keeps its requested class's headroom.
             capacity: In-flight slots.
 
         Returns:

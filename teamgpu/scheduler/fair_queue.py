@@ -1,39 +1,59 @@
-"""The fair queue: strict priority classes with aging, and VTC fair share within a class.
+"""The fair queue: headroom by requested class, aging for order, VTC fair share.
 
 A synchronous data structure with no I/O, no asyncio and no clock of its own: every
 method where time matters takes ``now`` (seconds, monotonic). The async shell
 (``teamgpu.scheduler.admission``) only wakes waiters.
 
-Order of service, decided by ``FairQueue.pop_next``:
+Each request has a **requested** class (``QueuedRequest.priority``, after the key's
+ceiling) and an **effective** class: the requested class promoted one step per
+``aging_s`` seconds waited, so a ``low`` request competes as ``normal`` after ``aging_s``
+and as ``high`` after ``2 * aging_s``. Order of service, decided by
+``FairQueue.pop_next``:
 
-1. **Strict priority between effective classes.** A request's effective class is its
-   requested class promoted one step per ``aging_s`` seconds waited, so a ``low``
-   request competes as ``high`` after ``2 * aging_s`` (the starvation bound, see
-   ``FairQueueConfig.aging_s`` and docs/scheduler.md).
-2. **Headroom.** With ``capacity`` in-flight slots, an effective ``low`` request may
-   start only while ``in_flight < capacity - reserved_slots_high - reserved_slots_normal``,
-   ``normal`` while ``in_flight < capacity - reserved_slots_high``, ``high`` while
-   ``in_flight < capacity``. Limits shrink with the class, so when the best waiting
-   class may not start, no lower one may either: the queue is work-conserving, it never
-   returns None while some waiting request may start.
-3. **Virtual Token Counter within a class** (Sheng et al., "Fairness in Serving Large
-   Language Models", OSDI 2024, Algorithm 2): one counter per user of weighted service
-   (``input_token_weight`` per prompt token, charged when the request is dispatched,
-   ``output_token_weight`` per generated token, charged as tokens stream), divided by the
-   user's weight. The next request comes from the user with the smallest counter among
-   users waiting in the class; ties go to the user whose oldest request is older; FIFO
-   within a user. When a user with nothing waiting in a class enqueues there, its counter
-   is lifted to ``max(own, min counter of users waiting in that class)``, or, when nobody
-   waits there, to ``max(own, counter of the last user dispatched from that class)``
-   (the paper's "last client that left the queue"), so idleness banks no credit.
+1. **Headroom follows the requested class**, never the effective one. With ``capacity``
+   in-flight slots, a request may start only while ``in_flight <
+   FairQueueConfig.admission_limit(requested class, capacity)`` (``low`` below
+   ``capacity - reserved_slots_high - reserved_slots_normal``, ``normal`` below
+   ``capacity - reserved_slots_high``, ``high`` below ``capacity``) and its requested
+   class is no worse than ``lowest_class`` (the engine hold-back). Aging cannot carry
+   a batch request into the slots reserved for interactive work. The limits shrink with
+   the class, so the classes that may start are always ``high`` down to some class.
+2. **Strict priority between effective classes**, among the requests that may start:
+   the best effective class that holds one goes first. Aging orders; it does not admit.
+3. **Virtual Token Counter within that effective class** (Sheng et al., "Fairness in
+   Serving Large Language Models", OSDI 2024, Algorithm 2), again among the requests
+   that may start: one counter per user of weighted service (``input_token_weight`` per
+   prompt token, charged when the request is dispatched, ``output_token_weight`` per
+   generated token, charged as tokens stream), divided by the user's weight. The next
+   request comes from the user with the smallest counter; ties go to the user whose
+   oldest such request is older; FIFO within a user. When a user with nothing waiting
+   in a class enqueues there, its counter is lifted to ``max(own, min counter of users
+   waiting in that effective class)``, or, when nobody waits there, to ``max(own,
+   counter of the last user dispatched from that class)`` (the paper's "last client
+   that left the queue"), so idleness banks no credit. Promotion does not lift.
+
+The queue is **work-conserving**: ``pop_next`` never returns None while some waiting
+request may start under rule 1. An aged ``low`` request at the head of the ``high``
+effective class is skipped when only ``high`` may start, not waited for.
 
 Counters are global per user (one counter across classes, compared within a class), so a
 user's service in any class counts against its share, aged requests can be compared with
 native ones, and switching class gains nothing; the lift is applied per class because
 under strict priority a user only competes with users of its own class.
 
-Cost: O(log n) per push and pop (heaps with lazy invalidation and periodic compaction,
-amortised); ``position`` is O(users in the class + the user's requests in the class).
+Structure: the waiting requests are kept in one bucket per (effective, requested) class
+pair, at most six (an effective class is never worse than the requested one). Each
+bucket has, per user, a FIFO heap of that user's requests in the bucket, and a heap of
+one VTC key per user, ``(counter, oldest seq)``. ``pop_next`` computes the worst
+requested class that may start, walks the effective classes best first, and in the first
+one with a non-empty allowed bucket takes the smallest key over its allowed buckets:
+that is the user with the smallest counter (then the oldest head) among the users with a
+startable request in the class, and the bucket's head is that user's oldest startable
+request there. Starvation bound: docs/scheduler.md, "Aging and the starvation bound".
+
+Cost: O(log n) per push and pop (at most six heap peeks per pop; heaps with lazy
+invalidation and periodic compaction, amortised); ``position`` is O(users in the class +
+the user's requests in the class).
 """
 
 from __future__ import annotations
@@ -68,6 +88,26 @@ __all__ = [
 ]
 
 _CLASSES = tuple(PriorityClass)
+_N = len(_CLASSES)
+
+
+def _bucket(eff: int, requested: int) -> int:
+    """Index of the (effective class, requested class) bucket; ``eff <= requested``."""
+    return eff * _N + requested
+
+
+# Per effective class, its buckets in requested-class order (best first).
+_EFF_BUCKETS = tuple(tuple(_bucket(e, r) for r in range(e, _N)) for e in range(_N))
+# Per (effective, requested) class, for ``position``: the buckets of that effective class
+# whose requests may start whenever this one may (requested class the same or better),
+# and the buckets of the better effective classes that may.
+_RIVAL_BUCKETS = tuple(
+    tuple(tuple(_bucket(e, x) for x in range(e, r + 1)) for r in range(_N)) for e in range(_N)
+)
+_AHEAD_BUCKETS = tuple(
+    tuple(tuple(_bucket(b, x) for b in range(e) for x in range(b, r + 1)) for r in range(_N))
+    for e in range(_N)
+)
 # Compact lazily invalidated structures when stale items exceed this plus twice the live.
 _COMPACT_SLACK = 1024
 
@@ -129,22 +169,23 @@ class _Entry:
 
 
 class _User:
-    """Per-user state: the virtual counter and the user's waiting requests per class."""
+    """Per-user state: the virtual counter and the user's waiting requests per bucket."""
 
-    __slots__ = ("at_class", "counter", "heaps", "queued", "weight")
+    __slots__ = ("at_bucket", "at_class", "counter", "heaps", "queued", "weight")
 
     def __init__(self, weight: float) -> None:
         self.counter = 0.0
         self.weight = weight
         self.queued = 0
-        self.at_class = [0] * len(_CLASSES)  # live requests per effective class
-        # Per effective class, a heap of (seq, entry); items whose entry is dead or has
-        # moved to a better class are stale and dropped when they surface.
-        self.heaps: list[list[tuple[int, _Entry]]] = [[] for _ in _CLASSES]
+        self.at_class = [0] * _N  # live requests per effective class
+        self.at_bucket = [0] * (_N * _N)  # live requests per (effective, requested) bucket
+        # Per bucket, a heap of (seq, entry); items whose entry is dead or has moved to
+        # a better effective class are stale and dropped when they surface.
+        self.heaps: list[list[tuple[int, _Entry]]] = [[] for _ in range(_N * _N)]
 
 
 class FairQueue:
-    """Priority classes with aging, headroom, and VTC fair share within a class.
+    """Headroom by requested class, strict order by effective class, VTC within a class.
 
     See the module docstring for the algorithm. Not thread-safe; no I/O.
 
@@ -157,15 +198,17 @@ class FairQueue:
         self._aging = config.aging_s < math.inf
         self._entries: dict[str, _Entry] = {}
         self._users: dict[str, _User] = {}
-        # Per effective class: a min-heap of (counter, head seq, user) and the one key per
-        # waiting user that is current; other heap items are stale (lazy invalidation).
-        # A current key is never above the user's true key, because counters only grow
-        # and a user's head only gets younger, except when an older request is promoted
-        # in, and then a fresh key is pushed at once.
-        self._class_heaps: list[list[tuple[float, int, str]]] = [[] for _ in _CLASSES]
-        self._keys: list[dict[str, tuple[float, int]]] = [{} for _ in _CLASSES]
-        self._queued_eff = [0] * len(_CLASSES)
-        self._queued_req = [0] * len(_CLASSES)
+        # Per (effective, requested) bucket: a min-heap of (counter, head seq, user) and
+        # the one key per user waiting in the bucket that is current; other heap items
+        # are stale (lazy invalidation). A current key is never above the user's true
+        # key, because counters only grow and a user's head in a bucket only gets
+        # younger, except when an older request is promoted in, and then a fresh key is
+        # pushed at once.
+        self._class_heaps: list[list[tuple[float, int, str]]] = [[] for _ in range(_N * _N)]
+        self._keys: list[dict[str, tuple[float, int]]] = [{} for _ in range(_N * _N)]
+        self._queued_bucket = [0] * (_N * _N)
+        self._queued_eff = [0] * _N
+        self._queued_req = [0] * _N
         # Per requested class, entries in arrival order (expiry, oldest wait).
         self._arrivals: list[deque[_Entry]] = [deque() for _ in _CLASSES]
         # (requested class, levels promoted so far) -> entries in arrival order that
@@ -286,15 +329,19 @@ class FairQueue:
     ) -> QueuedRequest | None:
         """Dispatch the next request that may start now, if any.
 
-        Honours strict priority between effective classes, the reserve, and VTC within
-        the class; charges the request's ``est_prompt_tokens`` to its user.
+        A request may start while ``in_flight`` is below its **requested** class's
+        ``admission_limit`` and its requested class is no worse than ``lowest_class``;
+        aging never changes that. Among those, the best effective class goes first, and
+        within it VTC (smallest counter, then oldest head, FIFO per user). Charges the
+        request's ``est_prompt_tokens`` to its user.
 
         Args:
             now: Current time in seconds (monotonic).
             in_flight: Requests admitted and not yet finished.
             capacity: In-flight slots.
-            lowest_class: Lowest effective class allowed to start (``Admission`` passes
-                HIGH while the engine reports waiting requests or a full KV cache).
+            lowest_class: Worst requested class allowed to start (``Admission`` passes
+                HIGH while the engine reports waiting requests or a full KV cache, so an
+                aged ``low`` or ``normal`` request is held back too).
 
         Returns:
             The request, now removed from the queue, or None when nothing may start.
@@ -305,25 +352,22 @@ class FairQueue:
         """
         self._config.check_capacity(capacity)
         self._advance(now)
-        for cls in _CLASSES:
-            if self._queued_eff[cls] == 0:
-                continue
-            if cls > lowest_class or in_flight >= self._config.admission_limit(cls, capacity):
-                return None  # limits shrink with the class: nothing lower may start either
-            name = self._peek_user(cls)
-            assert name is not None  # the class has waiting requests
-            user = self._users[name]
-            entry = self._head(user, cls)
-            assert entry is not None
-            heapq.heappop(user.heaps[cls])
-            self._finish(entry)
-            req = entry.req
-            user.counter += self._config.input_token_weight * req.est_prompt_tokens / user.weight
-            self._last_served[cls] = name
-            self._admitted += 1
-            self._recent_waits[req.priority].append(max(0.0, self._now - req.enqueued_at))
-            self._maybe_compact()
-            return req
+        worst = self._worst_startable(in_flight, capacity, lowest_class)
+        # An effective class is never worse than the requested one, so the effective
+        # classes past `worst` hold nothing that may start.
+        for eff in range(worst + 1):
+            best: tuple[float, int, str] | None = None
+            best_bucket = 0
+            for requested in range(eff, worst + 1):
+                b = eff * _N + requested
+                if self._queued_bucket[b] == 0:
+                    continue
+                top = self._peek(b)
+                assert top is not None  # the bucket has waiting requests
+                if best is None or top < best:
+                    best, best_bucket = top, b
+            if best is not None:
+                return self._dispatch(best_bucket, best[2])
         return None
 
     def expire(self, now: float) -> list[QueuedRequest]:
@@ -402,11 +446,16 @@ class FairQueue:
     def position(self, request_id: str, now: float | None = None) -> int | None:
         """Estimated 1-based position of a waiting request.
 
-        Requests in better effective classes, plus an interleaving estimate within the
-        class: the user's own earlier requests, and from every other user waiting in the
-        class as many requests as would be served round-robin before this one
+        Counted among the requests that may start whenever this one may: those whose
+        requested class is the same or better (worse ones may start only when this one
+        may too, and then they go first only by order, which this estimate leaves out).
+        Of those: the ones in better effective classes, plus an interleaving estimate
+        within the effective class: the user's own earlier requests, and from every
+        other user as many requests as would be served round-robin before this one
         (``min(their count, k)`` if that user comes first, else ``min(count, k - 1)``,
-        where this is the user's k-th request). 1 means it is the next to start.
+        where this is the user's k-th request). 1 means it is the next to start once a
+        slot its requested class may use is free; ``pop_next`` only ever returns a
+        request whose position is 1.
 
         Args:
             request_id: The request.
@@ -424,8 +473,10 @@ class FairQueue:
     def next_event_at(self) -> float | None:
         """When the queue will change by itself: the next promotion or expiry.
 
-        ``Admission`` sleeps until then, because a promotion can make a request
-        admissible (a better class has more slots) without any release.
+        ``Admission`` sleeps until then: an expiry must fail its waiter, and a promotion
+        changes the order of service. A promotion never makes a request admissible that
+        was not (headroom follows the requested class), so it needs no decision of its
+        own; waking for it costs one call of ``pop_next``.
 
         Returns:
             The time in seconds (same clock as ``now``), or None when nothing waits.
@@ -499,32 +550,66 @@ class FairQueue:
                     if lvl + 1 < cls:
                         self._promo[(cls, lvl + 1)].append(entry)
 
+    def _worst_startable(self, in_flight: int, capacity: int, lowest: PriorityClass) -> int:
+        """The worst requested class that may start now, or -1 when none may.
+
+        The limits shrink with the class (``admission_limit``) and ``lowest`` cuts from
+        the bottom, so the classes that may start are HIGH down to the one returned.
+        """
+        worst = -1
+        for cls in _CLASSES:
+            if cls > lowest or in_flight >= self._config.admission_limit(cls, capacity):
+                break
+            worst = cls
+        return worst
+
+    def _dispatch(self, b: int, name: str) -> QueuedRequest:
+        """Take user ``name``'s oldest request in bucket ``b`` out and charge its prompt."""
+        user = self._users[name]
+        entry = self._head(user, b)
+        assert entry is not None
+        heapq.heappop(user.heaps[b])
+        self._finish(entry)
+        req = entry.req
+        user.counter += self._config.input_token_weight * req.est_prompt_tokens / user.weight
+        self._last_served[entry.eff] = name
+        self._admitted += 1
+        self._recent_waits[req.priority].append(max(0.0, self._now - req.enqueued_at))
+        self._maybe_compact()
+        return req
+
     def _promote(self, entry: _Entry) -> None:
         """Move a waiting request one class up. No counter lift: waiting is not idling."""
         name = entry.req.user
         user = self._users[name]
         old = entry.eff
+        b = _bucket(old, entry.req.priority)
         user.at_class[old] -= 1
+        user.at_bucket[b] -= 1
         self._queued_eff[old] -= 1
-        if user.at_class[old] == 0:
-            del self._keys[old][name]
-        self._stale += 1  # its item in user.heaps[old]
+        self._queued_bucket[b] -= 1
+        if user.at_bucket[b] == 0:
+            del self._keys[b][name]
+        self._stale += 1  # its item in user.heaps[b]
         entry.eff = PriorityClass(old - 1)
         self._add(user, name, entry)
 
     def _add(self, user: _User, name: str, entry: _Entry) -> None:
-        """Add a live entry to its effective class."""
+        """Add a live entry to its (effective, requested) bucket."""
         cls = entry.eff
-        heapq.heappush(user.heaps[cls], (entry.seq, entry))
+        b = _bucket(cls, entry.req.priority)
+        heapq.heappush(user.heaps[b], (entry.seq, entry))
         user.at_class[cls] += 1
+        user.at_bucket[b] += 1
         self._queued_eff[cls] += 1
-        key = self._keys[cls].get(name)
+        self._queued_bucket[b] += 1
+        key = self._keys[b].get(name)
         if key is None or entry.seq < key[1]:
-            # A new head for this user in this class: publish its exact key now, since a
+            # A new head for this user in this bucket: publish its exact key now, since a
             # lazily fixed key must never be above the true one.
             key = (user.counter, entry.seq)
-            self._keys[cls][name] = key
-            heapq.heappush(self._class_heaps[cls], (key[0], key[1], name))
+            self._keys[b][name] = key
+            heapq.heappush(self._class_heaps[b], (key[0], key[1], name))
 
     def _finish(self, entry: _Entry) -> None:
         """Take a live entry out of the queue (dispatched, removed or expired)."""
@@ -533,51 +618,69 @@ class FairQueue:
         del self._entries[req.request_id]
         user = self._users[req.user]
         cls = entry.eff
+        b = _bucket(cls, req.priority)
         user.queued -= 1
         user.at_class[cls] -= 1
+        user.at_bucket[b] -= 1
         self._queued_eff[cls] -= 1
+        self._queued_bucket[b] -= 1
         self._queued_req[req.priority] -= 1
-        if user.at_class[cls] == 0:
-            del self._keys[cls][req.user]
+        if user.at_bucket[b] == 0:
+            del self._keys[b][req.user]
         self._stale += 1
 
-    def _head(self, user: _User, cls: int) -> _Entry | None:
-        """The user's oldest live request in effective class ``cls``."""
-        heap = user.heaps[cls]
+    def _head(self, user: _User, b: int) -> _Entry | None:
+        """The user's oldest live request in bucket ``b``."""
+        heap = user.heaps[b]
+        eff = b // _N
         while heap:
             entry = heap[0][1]
-            if entry.alive and entry.eff == cls:
+            if entry.alive and entry.eff == eff:
                 return entry
             heapq.heappop(heap)
         return None
 
-    def _peek_user(self, cls: int) -> str | None:
-        """The waiting user with the smallest (counter, head seq) in class ``cls``."""
-        heap = self._class_heaps[cls]
-        keys = self._keys[cls]
+    def _peek(self, b: int) -> tuple[float, int, str] | None:
+        """The smallest (counter, head seq, user) among the users waiting in bucket ``b``."""
+        heap = self._class_heaps[b]
+        keys = self._keys[b]
         while heap:
-            counter, seq, name = heap[0]
+            counter, seq, name = top = heap[0]
             key = keys.get(name)
             if key is None or key[0] != counter or key[1] != seq:
-                heapq.heappop(heap)  # superseded or the user left the class
+                heapq.heappop(heap)  # superseded or the user left the bucket
                 continue
             user = self._users[name]
-            head = self._head(user, cls)
+            head = self._head(user, b)
             assert head is not None
             if user.counter != counter or head.seq != seq:
                 key = (user.counter, head.seq)  # grew since published: fix and re-sift
                 keys[name] = key
                 heapq.heapreplace(heap, (key[0], key[1], name))
                 continue
-            return name
+            return top
         return None
+
+    def _peek_user(self, cls: int) -> str | None:
+        """The waiting user with the smallest (counter, head seq) in effective class ``cls``.
+
+        Over all of the class's buckets, whatever may start now (the lift's "users
+        waiting in the class").
+        """
+        best: tuple[float, int, str] | None = None
+        for b in _EFF_BUCKETS[cls]:
+            if self._queued_bucket[b]:
+                top = self._peek(b)
+                if top is not None and (best is None or top < best):
+                    best = top
+        return None if best is None else best[2]
 
     def _lift_floor(self, cls: int) -> float | None:
         """The counter a user newly waiting in ``cls`` is lifted to (at least).
 
         Sheng et al., OSDI 2024, Algorithm 2: the minimum counter of the users waiting
-        (here: in the same class), or when none waits, the counter of the last user that
-        left the queue (here: was dispatched from the class).
+        (here: in the same effective class), or when none waits, the counter of the last
+        user that left the queue (here: was dispatched from the class).
         """
         name = self._peek_user(cls)
         if name is None:
@@ -585,24 +688,40 @@ class FairQueue:
         return None if name is None else self._users[name].counter
 
     def _position(self, entry: _Entry) -> int:
+        """See ``position``: a rank among the requests that may start whenever this may."""
         cls = entry.eff
+        requested = entry.req.priority
         name = entry.req.user
         user = self._users[name]
-        ahead = sum(self._queued_eff[c] for c in range(cls))
-        k = 1 + sum(
-            1 for seq, e in user.heaps[cls] if e.alive and e.eff == cls and seq < entry.seq
-        )
-        head = self._head(user, cls)
-        assert head is not None
-        mine = (user.counter, head.seq)
-        for other in self._keys[cls]:
+        # Requests of the requested class or better may start whenever this one may;
+        # the worse ones only when it may too, and then the order alone decides.
+        ahead = sum(self._queued_bucket[b] for b in _AHEAD_BUCKETS[cls][requested])
+        buckets = _RIVAL_BUCKETS[cls][requested]
+        k = 1
+        mine_seq = entry.seq
+        for b in buckets:
+            for seq, e in user.heaps[b]:
+                if e.alive and e.eff == cls and seq < entry.seq:
+                    k += 1
+                    mine_seq = min(mine_seq, seq)
+        mine = (user.counter, mine_seq)
+        others: dict[str, None] = {}
+        for b in buckets:
+            others.update(dict.fromkeys(self._keys[b]))
+        for other in others:
             if other == name:
                 continue
             o = self._users[other]
-            o_head = self._head(o, cls)
-            assert o_head is not None
-            first = (o.counter, o_head.seq) < mine
-            ahead += min(o.at_class[cls], k if first else k - 1)
+            count = 0
+            o_seq = -1
+            for b in buckets:
+                if o.at_bucket[b]:
+                    count += o.at_bucket[b]
+                    o_head = self._head(o, b)
+                    assert o_head is not None
+                    o_seq = o_head.seq if o_seq < 0 else min(o_seq, o_head.seq)
+            first = (o.counter, o_seq) < mine
+            ahead += min(count, k if first else k - 1)
         return ahead + k
 
     @staticmethod
@@ -630,12 +749,14 @@ class FairQueue:
         for key, dq in self._promo.items():
             self._promo[key] = deque(e for e in dq if e.alive)
         for user in self._users.values():
-            for cls in _CLASSES:
-                mine = [(s, e) for s, e in user.heaps[cls] if e.alive and e.eff == cls]
-                heapq.heapify(mine)
-                user.heaps[cls] = mine
-        for cls in _CLASSES:
-            keys = [(c, s, n) for n, (c, s) in self._keys[cls].items()]
+            for b, heap in enumerate(user.heaps):
+                if heap:
+                    eff = b // _N
+                    mine = [(s, e) for s, e in heap if e.alive and e.eff == eff]
+                    heapq.heapify(mine)
+                    user.heaps[b] = mine
+        for b, current in enumerate(self._keys):
+            keys = [(c, s, n) for n, (c, s) in current.items()]
             heapq.heapify(keys)
-            self._class_heaps[cls] = keys
+            self._class_heaps[b] = keys
         self._stale = 0

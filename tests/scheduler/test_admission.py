@@ -269,17 +269,47 @@ def test_capacity_must_leave_low_a_slot() -> None:
     assert adm.capacity == 4
 
 
-async def test_aging_admits_into_a_better_class_headroom_without_a_release(
+async def test_aging_orders_but_does_not_admit_into_a_better_class_headroom(
     plain_config: ConfigFactory, make_req: MakeRequest
 ) -> None:
     # capacity 3: low only while in_flight < 1, normal < 2, high < 3
-    cfg = plain_config(reserved_slots_high=1, reserved_slots_normal=1, aging_s=0.05)
-    adm = Admission(cfg, capacity=3)
-    await adm.acquire(make_req("dev", HIGH))
-    lease = await asyncio.wait_for(adm.acquire(make_req("batch", LOW)), 1.0)
-    assert lease.wait_s >= 0.05
+    cfg = plain_config(reserved_slots_high=1, reserved_slots_normal=1, aging_s=30.0)
+    clock = {"now": 0.0}
+    adm = Admission(cfg, capacity=3, clock=lambda: clock["now"])
+    dev = await adm.acquire(make_req("dev", HIGH))
+    low = asyncio.create_task(adm.acquire(make_req("batch", LOW)))
+    await settle()
+    clock["now"] = 61.0  # competes as high now
+    adm.capacity = 3  # runs a decision, as a promotion timer would
+    await settle()
+    assert not low.done()  # the reserved slots stay the interactive requests'
+    assert adm.stats().queued_effective[HIGH] == 1
+    dev.release()  # a non-reserved slot: admitted at once, in the class it earned
+    await settle()
+    lease = low.result()
+    assert lease.wait_s == 61.0
     assert lease.requested_priority is LOW
-    assert lease.priority is NORMAL  # send 1 as vLLM's priority
+    assert lease.priority is HIGH  # send 0 as vLLM's priority
+    assert adm.in_flight == 1
+
+
+async def test_engine_load_holds_back_an_aged_request_by_its_requested_class(
+    plain_config: ConfigFactory, make_req: MakeRequest
+) -> None:
+    clock = {"now": 0.0}
+    load = {"now": EngineLoad(num_requests_waiting=3, kv_cache_usage_perc=0.5)}
+    adm = Admission(plain_config(aging_s=10.0), capacity=4, clock=lambda: clock["now"],
+                    engine_load=lambda: load["now"])
+    low = asyncio.create_task(adm.acquire(make_req("batch", LOW)))
+    await settle()
+    clock["now"] = 25.0  # competes as high now
+    high = await adm.acquire(make_req("dev", HIGH))  # a native high one is let in
+    assert high.priority is HIGH
+    assert not low.done() and adm.stats().engine_held
+    load["now"] = EngineLoad(num_requests_waiting=0, kv_cache_usage_perc=0.5)
+    adm.capacity = 4  # runs a decision, as the engine-load re-check timer would
+    await settle()
+    assert low.result().priority is HIGH
     assert adm.in_flight == 2
 
 

@@ -411,13 +411,16 @@ def test_low_never_fills_every_slot_and_high_finds_one(
     assert q.pop_next(0.0, in_flight, 6).request_id == "ide"  # type: ignore[union-attr]
 
 
-def test_aged_request_gets_its_effective_class_headroom(
+def test_aged_request_keeps_its_requested_class_headroom(
     plain_config: ConfigFactory, make_req: MakeRequest
 ) -> None:
     q = FairQueue(plain_config(reserved_slots_high=2, reserved_slots_normal=1, aging_s=5.0))
     q.push(make_req("batch", LOW, request_id="r"), 0.0)
     assert q.pop_next(4.9, 3, 6) is None  # low: only below 3
-    assert q.pop_next(5.0, 3, 6).request_id == "r"  # type: ignore[union-attr]
+    assert q.pop_next(5.0, 3, 6) is None  # competes as normal now, but is still low
+    assert q.pop_next(10.0, 5, 6) is None  # nor as high
+    assert q.effective_priority("r") is HIGH
+    assert q.pop_next(10.0, 2, 6).request_id == "r"  # type: ignore[union-attr]
 
 
 def test_lowest_class_holds_back_lower_classes(
@@ -431,11 +434,13 @@ def test_lowest_class_holds_back_lower_classes(
 
 
 def test_work_conserving_and_strict_on_random_states(make_req: MakeRequest) -> None:
-    """pop_next returns None only when no waiting request may start; else the best class."""
+    """pop_next returns None only when no waiting request may start (by its requested
+    class); else one that may, from the best effective class among those that may."""
     cfg = FairQueueConfig(aging_s=7.0, reserved_slots_high=2, reserved_slots_normal=1)
     q = FairQueue(cfg)
     rng = random.Random(3)
     waiting: set[str] = set()
+    requested: dict[str, PriorityClass] = {}
     outcomes = {"popped": 0, "none": 0}
     now = 0.0
     for _ in range(3000):
@@ -446,31 +451,34 @@ def test_work_conserving_and_strict_on_random_states(make_req: MakeRequest) -> N
                            est_prompt_tokens=rng.randint(0, 500))
             q.push(req, now)
             waiting.add(req.request_id)
+            requested[req.request_id] = req.priority
         elif op < 0.55 and waiting:
             rid = rng.choice(sorted(waiting))
             assert q.remove(rid)
             waiting.discard(rid)
+            del requested[rid]
         else:
             for rid in waiting:
                 q.position(rid, now)  # applies aging at `now`
-            eff = {rid: q.effective_priority(rid) for rid in waiting}
+            eff = {rid: q.effective_priority(rid) or HIGH for rid in waiting}
             capacity = rng.randint(4, 8)
             in_flight = rng.randint(0, capacity)
             lowest = rng.choice(list(PriorityClass))
-            first = [rid for rid in waiting if q.position(rid) == 1]
+            first = {rid for rid in waiting if q.position(rid) == 1}
             popped = q.pop_next(now, in_flight, capacity, lowest_class=lowest)
             admissible = [
-                rid for rid, c in eff.items()
-                if c is not None and c <= lowest and in_flight < cfg.admission_limit(c, capacity)
+                rid for rid, c in requested.items()
+                if c <= lowest and in_flight < cfg.admission_limit(c, capacity)
             ]
             outcomes["none" if popped is None else "popped"] += 1
             if popped is None:
                 assert not admissible
             else:
                 assert popped.request_id in admissible
-                assert eff[popped.request_id] == min(c for c in eff.values() if c is not None)
-                assert first == [popped.request_id]  # position 1 is what comes next
+                assert eff[popped.request_id] == min(eff[rid] for rid in admissible)
+                assert popped.request_id in first  # only position 1 is ever popped
                 waiting.discard(popped.request_id)
+                del requested[popped.request_id]
             q.charge(rng.choice("abcdefg"), completion_tokens=rng.randint(0, 50))
     assert len(q) == len(waiting)
     assert min(outcomes.values()) > 100, outcomes  # both branches were exercised
