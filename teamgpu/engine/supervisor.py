@@ -42,8 +42,8 @@ from teamgpu.engine.errors import EngineConfigError, EngineStartError
 __all__ = [
     "CPU_DEFAULT_ARGS",
     "CPU_DEFAULT_FLAGS",
-    "EngineSpec",
     "EngineExit",
+    "EngineSpec",
     "EngineState",
     "EngineSupervisor",
     "build_command",
