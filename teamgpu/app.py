@@ -38,6 +38,7 @@ def create_app(
     store: Engine | None = None,
     gpu: GpuSource | None = None,
     on_open: Callable[[Gateway], Awaitable[None]] | None = None,
+    on_close: Callable[[], None] | None = None,
 ) -> Starlette:
     """Build the gateway's ASGI app.
 
@@ -48,6 +49,9 @@ def create_app(
         gpu: the GPU source for the metrics (default: NVML).
         on_open: awaited with the gateway once its services are open, before the first
             request (``teamgpu up`` connects its engine supervisor to the backend pool).
+        on_close: called when the app stops, before its services close (``serve`` and
+            ``up`` remove their server record: uvicorn re-raises SIGTERM after it stops,
+            so code after ``Server.run()`` may never run).
 
     Raises (when the app starts, from its lifespan):
         ConfigError: a configuration the gateway cannot work with.
@@ -62,6 +66,8 @@ def create_app(
                 await on_open(gw)
             yield {}
         finally:
+            if on_close is not None:
+                on_close()
             await gw.close()
 
     from teamgpu.api import observability

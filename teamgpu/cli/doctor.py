@@ -20,8 +20,11 @@ Checks, in this order (each prints one ``PASS``/``WARN``/``FAIL``/``SKIP`` line,
    Docker Compose).
 4. **Backend**: ``/health`` answers 200 and ``/v1/models`` lists the expected model; for
    ``teamgpu up`` (private engine port) the gateway's ``/readyz`` tells.
-5. **Gateway**: ``/healthz`` answers; with ``--key``, ``GET /v1/models`` accepts the key.
-   Without a key this is a WARN: the path a client takes was not tried.
+5. **Gateway**: ``/healthz`` answers; with ``--key``, ``GET /v1/models`` accepts the key,
+   and the demo model, when served, answers the sanity question ("What is the capital of
+   France?", temperature 0, ``max_tokens`` 16) with Paris (a FAIL otherwise: its answers
+   depend on the engine's numerics, see docs/install.md). Without a key this is a WARN:
+   the path a client takes was not tried.
 6. **TLS** (https URLs): the certificate verifies (system trust store, or ``--ca-cert``)
    and is within its validity; less than a third of its lifetime left is a WARN, since
    ACME clients such as Caddy and certbot renew at that point, so renewal is failing.
@@ -31,6 +34,12 @@ Checks, in this order (each prints one ``PASS``/``WARN``/``FAIL``/``SKIP`` line,
    A WARN, as the issue asks: anyone who reaches that port uses the GPU without a key.
 8. **Keys near expiry** (the store in ``--data-dir``): active keys expiring within
    ``--expiry-days`` are a WARN; SKIP when the store is not on this host.
+
+Which server: the one ``teamgpu up`` or ``teamgpu serve`` recorded in the data directory
+(``server.json``, see :mod:`teamgpu.cli.server_record`) while it runs, so the gateway's
+address, the engine's flags and the served model come from the server that runs; else
+``--url`` (or ``OPENAI_BASE_URL``), else the settings' port. The report's first line
+names the server checked.
 
 Exit status: 0 when every check passed or was skipped, 1 otherwise (a WARN counts).
 """
@@ -54,6 +63,13 @@ import click
 import httpx
 
 from teamgpu.cli.common import load_settings, settings_options
+from teamgpu.cli.server_record import RECORD_NAME, read_record
+from teamgpu.engine.demo import (
+    DEMO_MODEL_NAME,
+    SANITY_EXPECTED,
+    SANITY_MAX_TOKENS,
+    SANITY_QUESTION,
+)
 from teamgpu.engine.supervisor import engine_arg
 from teamgpu.settings import Settings, default_cache_dir
 
@@ -62,7 +78,6 @@ DEFAULT_VLLM_PORT = 8000
 OVERHEAD_BYTES = 2 * GIB  # activations, CUDA graphs, CUDA context: a rough allowance
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 MIN_FULL_SEQUENCES = 4
-DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
                "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -582,8 +597,38 @@ class Doctor:
             return Check(name, Status.FAIL, f"GET /v1/models answered {m.status_code}: "
                          f"{m.text[:200]}", fix_down)
         names = [str(x["id"]) for x in m.json().get("data") or []]
-        return Check(name, Status.PASS,
-                     f"{self.url} answers; the key may use: {', '.join(names) or 'no model'}")
+        msg = f"{self.url} answers; the key may use: {', '.join(names) or 'no model'}"
+        if self._expected_name == DEMO_MODEL_NAME and DEMO_MODEL_NAME in names:
+            return self._ask_demo_model(name, msg)
+        return Check(name, Status.PASS, msg)
+
+    def _ask_demo_model(self, name: str, msg: str) -> Check:
+        """Ask the demo model the sanity question through the gateway, as a client would.
+
+        Its greedy answer depends on the engine's numerics (bf16 kernels differ between
+        CPUs, see docs/install.md); a model of your own is not judged here.
+        """
+        body = {"model": DEMO_MODEL_NAME, "temperature": 0, "max_tokens": SANITY_MAX_TOKENS,
+                "messages": [{"role": "user", "content": SANITY_QUESTION}]}
+        try:
+            with self._client() as c:
+                r = c.post(f"{self.url}/v1/chat/completions", json=body,
+                           headers={"Authorization": f"Bearer {self.key}"},
+                           timeout=max(self.timeout_s, 60.0))
+        except httpx.HTTPError as exc:
+            return Check(name, Status.FAIL, f"{msg}; the sanity question got no answer ({exc})",
+                         "see the engine log (DATA_DIR/engine.log)")
+        if r.status_code != 200:
+            return Check(name, Status.FAIL, f"{msg}; the sanity question answered "
+                         f"{r.status_code}: {r.text[:200]}", "see the engine log (DATA_DIR/engine.log)")
+        answer = str((r.json().get("choices") or [{}])[0].get("message", {}).get("content") or "")
+        if SANITY_EXPECTED not in answer.lower():
+            return Check(name, Status.FAIL,
+                         f"{msg}; asked {SANITY_QUESTION!r}, the demo model answered "
+                         f"{answer.strip()[:120]!r}",
+                         "run the demo model in float32: `teamgpu up "
+                         "--engine-arg=--dtype=float32` (docs/install.md)")
+        return Check(name, Status.PASS, f"{msg}; {SANITY_QUESTION!r} -> {answer.strip()!r}")
 
     # 6
     def check_tls(self) -> Check:
@@ -733,7 +778,8 @@ def exit_code(checks: list[Check]) -> int:
 
 @click.command("doctor")
 @click.option("--url", envvar="OPENAI_BASE_URL", default=None,
-              help="The gateway, root or /v1 URL (env OPENAI_BASE_URL; default: "
+              help="The gateway, root or /v1 URL (env OPENAI_BASE_URL; default: the server "
+                   "`teamgpu up`/`serve` recorded in the data directory, else "
                    "http://127.0.0.1:PORT from the settings).")
 @click.option("--key", envvar="OPENAI_API_KEY", default=None,
               help="An API key to try (env OPENAI_API_KEY).")
@@ -766,13 +812,30 @@ def doctor(_settings_overrides: dict[str, Any], url: str | None, key: str | None
     a warning counts as not passing.
     """
     s = load_settings(**_settings_overrides)
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-    doc = Doctor(settings=s, url=url or f"http://{host}:{s.port}", key=key, model=model,
+    record, note = (None, None) if url is not None else read_record(s.data_dir)
+    if record is not None:
+        # the server that runs with this data directory, wherever it listens
+        url = record.gateway_url
+        if record.kind == "up":
+            s.model = s.model or record.model
+            s.served_model_name = s.served_model_name or record.served_model_name
+            s.engine_args = s.engine_args or list(record.engine_args)
+        elif not s.backends:
+            s.backends = list(record.backends)
+        server = (f"teamgpu {record.kind} (pid {record.pid}) at {record.gateway_url}, "
+                  f"recorded in {s.data_dir / RECORD_NAME}")
+    else:
+        host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+        server = (f"{url} (given with --url)" if url is not None else
+                  f"no running server recorded in {s.data_dir}"
+                  + (f" ({note})" if note else "") + f"; checking http://{host}:{s.port}")
+        url = url or f"http://{host}:{s.port}"
+    doc = Doctor(settings=s, url=url, key=key, model=model,
                  backend=backend, skip_gpu=skip_gpu, ca_cert=ca_cert, expiry_days=expiry_days)
     checks = doc.run()
     if as_json:
-        click.echo(json.dumps({"ok": exit_code(checks) == 0,
+        click.echo(json.dumps({"ok": exit_code(checks) == 0, "server": server,
                                "checks": [asdict(c) for c in checks]}, indent=2))
     else:
-        click.echo(render(checks))
+        click.echo(f"server: {server}\n\n{render(checks)}")
     raise SystemExit(exit_code(checks))

@@ -121,10 +121,9 @@ def serve(_settings_overrides: dict[str, Any], backends: tuple[str, ...], host: 
         write_record(s.data_dir, record)
 
     console.print(f"teamgpu gateway on http://{s.host}:{s.port} -> {', '.join(s.backends)}")
-    try:
-        uvicorn.Server(_uvicorn_config(create_app(s, store=store, on_open=on_open), s)).run()
-    finally:
-        remove_record(s.data_dir, record.pid)
+    app = create_app(s, store=store, on_open=on_open,
+                     on_close=lambda: remove_record(s.data_dir, record.pid))
+    uvicorn.Server(_uvicorn_config(app, s)).run()
 
 
 def _preflight(s: Settings) -> Engine:
@@ -356,7 +355,8 @@ async def _up(s: Settings, spec: Any, store: Engine) -> int:
         await _sanity_check(sup.base_url, served, spec)
         s.backends = [sup.base_url]
         gw_started = True
-        app = create_app(s, store=store, on_open=on_open)
+        app = create_app(s, store=store, on_open=on_open,
+                         on_close=lambda: remove_record(s.data_dir, record.pid))
         server = uvicorn.Server(_uvicorn_config(app, s))
         engine_task = asyncio.create_task(sup.run(), name="teamgpu-engine")
         console.print(f"teamgpu gateway on http://{s.host}:{s.port}  (Ctrl-C stops both)")

@@ -100,6 +100,25 @@ def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path:
             assert r.json()["error"]["code"] == "backend_unavailable"
             wait_until(lambda: c.post("/v1/chat/completions", json=chat).status_code == 200,
                        240, "the engine to be restarted")
+
+            # Only vLLM's engine core dies (its API server lives on, answering 500 with
+            # "EngineCore encountered an issue" until it exits with status 0): clients get
+            # 503 in the gateway's words, and the log names the engine core's death.
+            cores = [p for p in _pids_with("VLLM::EngineCore")
+                     if os.getpgid(p) == os.getpgid(_pids_with(f"--port {engine_port}")[0])]
+            assert len(cores) == 1, cores
+            os.kill(cores[0], signal.SIGKILL)
+            r = wait_until(lambda: (x := c.post("/v1/chat/completions", json=chat)).status_code
+                           == 503 and x, 30, "a 503 after the engine core died")
+            assert int(r.headers["retry-after"]) >= 1
+            assert "EngineCore" not in r.text, r.text
+            assert r.json()["error"]["code"] == "backend_unavailable"
+            wait_until(lambda: c.post("/v1/chat/completions", json=chat).status_code == 200,
+                       240, "the engine to be restarted after its core died")
+            log = "".join(out)
+            assert re.search(rf"vLLM's engine process VLLM::EngineCore \(pid {cores[0]}\) died; "
+                             r"its API server then (exited with status \d+|was killed by \w+)",
+                             log), log[-3000:]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -17,7 +17,9 @@ object in its body, which the gateway passes through like any unknown field:
               "break_mid_event": false,  # ... after writing half of the next event
               "pause_after": null,    # stream: after N tokens, fall silent for pause_s
               "pause_s": 1.0,
-              "no_done": false}}      # stream: end without data: [DONE]
+              "no_done": false,       # stream: end without data: [DONE]
+              "engine_dead": false}}  # from now on answer 500 (requests and /health) as
+                                      # vLLM with a dead engine core (FakeBackend.engine_dead)
 
 ``FakeBackend.requests`` records every request received as ``{"path", "body",
 "request_id"}`` (the ``X-Request-Id`` the gateway sent), and ``active`` counts the
@@ -36,6 +38,8 @@ from typing import Any, Self
 import orjson
 
 MODEL = "fake-model"
+# vLLM 0.32's EngineDeadError text (vllm/v1/engine/exceptions.py)
+ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 
 
 class FakeBackend:
@@ -50,6 +54,7 @@ class FakeBackend:
         self.active = 0
         self.aborted = 0
         self.healthy = True
+        self.engine_dead = False  # vLLM with a dead engine core: 500 everywhere
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -62,6 +67,9 @@ class FakeBackend:
                     return
         path = scope["path"]
         if path == "/health":
+            if self.engine_dead:
+                await _json(send, _err(ENGINE_DEAD_MESSAGE, 500), 500)
+                return
             await _json(send, {} if self.healthy else {"error": "unhealthy"},
                         200 if self.healthy else 503)
             return
@@ -100,6 +108,12 @@ class FakeBackend:
             rid_header = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
             self.requests.append({"path": path, "body": req, "request_id": rid_header or None})
         fake = req.get("fake") or {}
+        if fake.get("engine_dead"):
+            self.engine_dead = True
+        if self.engine_dead:
+            # vLLM after its engine core died: every request 500 with this text, /health 500
+            await _json(send, _err(ENGINE_DEAD_MESSAGE, 500), 500)
+            return
         if fake.get("status"):
             await _json(send, _err(f"fake error {fake['status']}", fake["status"]), fake["status"])
             return
