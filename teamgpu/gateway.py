@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine
 
+from teamgpu.api.adapters.responses import Responses
 from teamgpu.api.pipeline import Pipeline
 from teamgpu.api.recorder import Recorder
 from teamgpu.auth.authenticator import Authenticator
@@ -40,6 +41,7 @@ from teamgpu.preflight import DEFAULT_INFLIGHT, check_settings, open_store_check
 from teamgpu.scheduler.registry import AdmissionRegistry
 from teamgpu.settings import Settings
 from teamgpu.store.audit import AuditLog, UsageTotalsCache
+from teamgpu.store.responses import ResponseStore
 from teamgpu.upstream.backends import BackendPool
 from teamgpu.upstream.client import UpstreamClient
 from teamgpu.upstream.tokenize import PromptCounter
@@ -69,6 +71,7 @@ class Gateway:
         recorder: writes each request's audit row and metrics.
         usage_totals: all-time usage totals for ``/stats``.
         pipeline: the request path.
+        responses: the Responses API's adapter, with the record of stored responses.
     """
 
     settings: Settings
@@ -87,6 +90,7 @@ class Gateway:
     recorder: Recorder
     usage_totals: UsageTotalsCache
     pipeline: Pipeline
+    responses: Responses
 
     @classmethod
     async def open(cls, settings: Settings, *, store: Engine | None = None,
@@ -149,7 +153,9 @@ class Gateway:
         gw = cls(settings=s, store=store, started_at=datetime.now(UTC), keys=keys, auth=auth,
                  auth_throttle=throttle, limiter=limiter, limits=limits, client=client,
                  pool=pool, admissions=admissions, audit=audit, metrics=metrics,
-                 recorder=recorder, usage_totals=UsageTotalsCache(store), pipeline=pipeline)
+                 recorder=recorder, usage_totals=UsageTotalsCache(store), pipeline=pipeline,
+                 responses=Responses(ResponseStore(store), store_in_thread=store.url
+                                     .get_backend_name() != "sqlite"))
         audit.start()
         await admissions.start()
         await pool.start()

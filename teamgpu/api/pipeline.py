@@ -131,6 +131,8 @@ class Pipeline:
             ctx.principal = await self.auth.authenticate(request)
             body = await read_body(request, self.settings.max_body_bytes)
             payload = parse_json_object(request, body)
+            if not adapter.scheduled:
+                return await self.passthrough(ctx, adapter, payload, guard)
             return await self.serve(ctx, adapter, payload, guard, extra_headers,
                                     priority_header=request.headers.get("x-priority"))
         except GatewayError as exc:
@@ -183,7 +185,7 @@ class Pipeline:
         settings = self.settings
         model = adapter.model_of(payload)
         ctx.model = model[:256]  # the name asked for, in the audit row of a refused request
-        served = self.resolve_model(model)
+        served = self.resolve_model(model, principal)
         ctx.model = served
         ctx.model_served = True
         spec = adapter.read(payload, settings.default_max_tokens)
@@ -194,6 +196,7 @@ class Pipeline:
         if settings.store_prompts:
             ctx.prompt_text = adapter.prompt_text(payload)
         ctx.est_prompt_tokens = spec.est_prompt_tokens
+        pinned = await adapter.locate(principal, payload)  # 404: state of another user
         strip_usage = adapter.prepare(payload, spec, served=served)
         limits = self.limits.for_key(principal)
         exact_prompt: int | None = None
@@ -211,10 +214,70 @@ class Pipeline:
                 # a client's own vLLM priority would skip the key's ceiling
                 payload.pop("priority", None)
             return await self.send(ctx, adapter, job, payload, served, strip_usage, guard,
-                                   extra_headers)
+                                   extra_headers, pinned=pinned)
 
-    def resolve_model(self, model: str) -> str:
-        """The served model name a client's ``model`` maps to.
+    async def passthrough(self, ctx: RequestCtx, adapter: ProtocolAdapter,
+                          payload: dict[str, Any], guard: Guard) -> Response:
+        """Serve a request that is not scheduled (a tokenizer call): the model is resolved
+        for the key as on every path, the body goes to one backend serving it, and its
+        answer comes back unchanged. No limits are reserved, no audit tokens counted.
+
+        Raises:
+            GatewayError: as :meth:`serve` (404 for a model the key may not use, 503 with
+                Retry-After while no backend is up, the backend's own 4xx).
+            ClientDisconnected: the client left.
+        """
+        principal = ctx.principal
+        assert principal is not None
+        model = adapter.model_of(payload)
+        ctx.model = model[:256]
+        served = self.resolve_model(model, principal)
+        ctx.model, ctx.model_served = served, True
+        adapter.prepare(payload, adapter.read(payload, self.settings.default_max_tokens),
+                        served=served)
+        backend = self.pool.pick(served)
+        if backend is None:
+            raise ServiceUnavailable(f"no backend serving {served!r} is up; try again shortly",
+                                     retry_after_s=self.settings.backend_down_retry_after_s,
+                                     code="backend_unavailable")
+        ctx.backend = backend.url
+        upstream = await guard.run(self.client.post(
+            f"{backend.url}{adapter.path}", orjson.dumps(payload),
+            {"content-type": "application/json", "x-request-id": ctx.request_id},
+            backend_url=backend.url, retry_after_s=self.settings.backend_down_retry_after_s))
+        try:
+            raw = await guard.run(upstream.read())
+        finally:
+            upstream.close()
+        if upstream.status != 200:
+            raise error_from_backend(upstream.status, raw, backend.url,
+                                     upstream.headers.get("retry-after"), path=adapter.path,
+                                     model=served)
+        await self.recorder.record(ctx, status=200, outcome="ok")
+        return Response(raw, 200, media_type=upstream.headers.get("content-type",
+                                                                  "application/json"))
+
+    def models_for(self, principal: Principal) -> set[str] | None:
+        """The served model names ``principal`` may use, or None for every model: the key's
+        ``--models`` list (served names or aliases) resolved to served names."""
+        if principal.models is None:
+            return None
+        return {s for m in principal.models if (s := self.pool.resolve(m)) is not None}
+
+    def names_for(self, principal: Principal) -> list[str]:
+        """The model names ``principal`` may send (served names, then aliases), as
+        ``/v1/models`` lists them."""
+        names = self.pool.names_for_clients()
+        allowed = self.models_for(principal)
+        if allowed is None:
+            return names
+        return [n for n in names if self.pool.resolve(n) in allowed]
+
+    def resolve_model(self, model: str, principal: Principal) -> str:
+        """The served model name a client's ``model`` maps to, for this key.
+
+        A model the key may not use (``keys create --models``) gets exactly the answer of
+        an unknown one: nothing tells the client that it exists.
 
         Raises:
             ServiceUnavailable: 503 with Retry-After, the name is unknown but a backend
@@ -222,16 +285,18 @@ class Pipeline:
             ModelNotFound: 404 (param ``model``), listing the names this key may use.
         """
         served = self.pool.resolve(model)
-        if served is not None:
+        allowed = self.models_for(principal)
+        if served is not None and (allowed is None or served in allowed):
             return served
-        if self.pool.models_unknown():
+        may_exist = allowed is None or model in (principal.models or ())
+        if served is None and may_exist and self.pool.models_unknown():
             # not a 404: a backend that never answered may serve it once it is up
             raise ServiceUnavailable(
                 f"no backend is up that could serve {model!r}; try again shortly",
                 retry_after_s=self.settings.backend_down_retry_after_s,
                 code="backend_unavailable",
             )
-        names = self.pool.names_for_clients()
+        names = self.names_for(principal)
         raise ModelNotFound(
             f"The model {model!r} does not exist or is not served here. "
             f"Models available to this key: {', '.join(names) or '(none: no backend is up)'}",
@@ -286,13 +351,16 @@ class Pipeline:
 
     async def send(self, ctx: RequestCtx, adapter: ProtocolAdapter, job: InFlight,
                    payload: dict[str, Any], served: str, strip_usage: bool, guard: Guard,
-                   extra_headers: dict[str, str]) -> Answer:
+                   extra_headers: dict[str, str], *, pinned: str | None = None) -> Answer:
         """Send the admitted request to a backend serving ``served`` and answer.
 
         Before the first byte of an answer, a backend that cannot be reached, or whose
         engine turns out dead (a 5xx after which its health check fails), is marked down
         and the request goes to another backend serving the model, if one is up; it is
         never sent again once a backend started answering it.
+
+        ``pinned`` (from :meth:`ProtocolAdapter.locate`) names the one backend that may
+        take the request (it holds state the request refers to): no other is tried.
 
         Returns:
             The complete answer (its audit row written), or the stream relay.
@@ -310,7 +378,8 @@ class Pipeline:
         tried: set[str] = set()
         failed: _EngineGone | None = None
         while True:
-            backend = self.pool.pick(served, route_key, exclude=tried)
+            backend = self._pinned(pinned, served, tried) if pinned is not None \
+                else self.pool.pick(served, route_key, exclude=tried)
             if backend is None and failed is not None:
                 raise failed.error  # every backend tried failed before answering
             if backend is None:
@@ -323,15 +392,23 @@ class Pipeline:
             ctx.backend = backend.url
             job.use_backend(backend)
             try:
-                return await self._answer(ctx, adapter, job, backend, body, headers, served,
-                                          route_key, strip_usage, guard, extra_headers)
+                return await self._answer(ctx, adapter, job, backend, payload, body, headers,
+                                          served, route_key, strip_usage, guard, extra_headers)
             except _EngineGone as gone:
                 job.release_backend()
                 failed = gone
                 log.warning("request %s: %s", ctx.request_id, gone.reason)
 
+    def _pinned(self, url: str, served: str, tried: set[str]) -> Backend | None:
+        """The pinned backend, when it is up, serves ``served`` and was not tried."""
+        for b in self.pool.candidates(served):
+            if b.url == url and b.up and b.url not in tried:
+                return b
+        return None
+
     async def _answer(self, ctx: RequestCtx, adapter: ProtocolAdapter, job: InFlight,
-                      backend: Backend, body: bytes, headers: dict[str, str], served: str,
+                      backend: Backend, payload: dict[str, Any], body: bytes,
+                      headers: dict[str, str], served: str,
                       route_key: RoutingKey | None, strip_usage: bool, guard: Guard,
                       extra_headers: dict[str, str]) -> Answer:
         """One attempt on ``backend`` (see :meth:`send`).
@@ -363,6 +440,7 @@ class Pipeline:
                 upstream.release()
                 job.usage = adapter.usage(raw) or Usage(0, 0)
                 ctx.ttft_ms = ctx.elapsed_ms()
+                await adapter.answered(ctx, payload, adapter.answer_id(raw), backend.url)
                 await self.recorder.record(
                     ctx, status=200, outcome="ok", usage=job.usage,
                     completion_text=adapter.text(raw) if settings.store_prompts else None)
@@ -371,11 +449,12 @@ class Pipeline:
         except BaseException:
             upstream.close()
             raise
-        return await self._start_stream(ctx, adapter, job, backend, upstream, served,
+        return await self._start_stream(ctx, adapter, job, backend, upstream, payload, served,
                                         strip_usage, guard, extra_headers)
 
     async def _start_stream(self, ctx: RequestCtx, adapter: ProtocolAdapter, job: InFlight,
-                            backend: Backend, upstream: UpstreamResponse, served: str,
+                            backend: Backend, upstream: UpstreamResponse,
+                            payload: dict[str, Any], served: str,
                             strip_usage: bool, guard: Guard, extra_headers: dict[str, str]
                             ) -> Answer:
         """Read the stream's first event; answer an error there as JSON (fault F13), else
@@ -411,7 +490,12 @@ class Pipeline:
             job.charge_output(acc.content_chunks)
 
         async def on_finishing() -> None:
+            # before the client sees the end: its next request may refer to this answer
+            # (previous_response_id) and must find its limits free
             job.usage = account.final_usage(ctx.est_prompt_tokens)
+            if account.done and account.error is None:
+                await adapter.answered(ctx, payload, adapter.stream_answer_id(account),
+                                       backend.url)
             await job.settle_limits()
 
         async def on_end(outcome: str, error: str | None) -> None:

@@ -9,8 +9,13 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from teamgpu.api import stored_responses
 from teamgpu.api.adapters import CHAT, COMPLETIONS, EMBEDDINGS, ProtocolAdapter
+from teamgpu.api.adapters.anthropic import MESSAGES
+from teamgpu.api.adapters.openai import RERANK, SCORE
+from teamgpu.api.adapters.tokens import COUNT_TOKENS, DETOKENIZE, TOKENIZE
 from teamgpu.api.errors import error_response, json_response
+from teamgpu.auth.keys import Principal
 from teamgpu.errors import GatewayError, ModelNotFound, ServiceUnavailable
 
 if TYPE_CHECKING:
@@ -33,15 +38,22 @@ def _proxied(adapter: ProtocolAdapter) -> Callable[[Request], Awaitable[Response
     return endpoint
 
 
-def _listing(gw: Gateway) -> list[dict[str, Any]]:
+async def responses_create(request: Request) -> Response | StreamRelay:
+    """``POST /v1/responses`` through the pipeline (the gateway's Responses adapter, which
+    records who owns each stored response)."""
+    gw = _gw(request)
+    return await gw.pipeline.handle(request, gw.responses)
+
+
+def _listing(gw: Gateway, principal: Principal) -> list[dict[str, Any]]:
     """The model cards a key may use: served names, then aliases."""
     data: list[dict[str, Any]] = []
     served = gw.pool.served_names()
-    for name in gw.pool.names_for_clients():
+    for name in gw.pipeline.names_for(principal):
         if name in served:
             card = dict(gw.pool.card(name))
         else:
-            target = gw.settings.model_aliases[name]
+            target = gw.pool.aliases[name]
             card = {**gw.pool.card(target), "id": name, "parent": target}
         card.setdefault("object", "model")
         card.setdefault("owned_by", "teamgpu")
@@ -50,14 +62,14 @@ def _listing(gw: Gateway) -> list[dict[str, Any]]:
 
 
 async def _audited(request: Request, endpoint: str,
-                   answer: Callable[[Gateway], Response]) -> Response:
+                   answer: Callable[[Gateway, Principal], Response]) -> Response:
     """Authenticate, answer, and write the request's one audit row (refusals included:
     a guessed key on ``/v1/models`` leaves a trace like one on a completion)."""
     gw = _gw(request)
     ctx = gw.pipeline.new_ctx(request, endpoint)
     try:
         ctx.principal = await gw.auth.authenticate(request)
-        response = answer(gw)
+        response = answer(gw, ctx.principal)
     except GatewayError as exc:
         await gw.recorder.record(ctx, status=exc.status, outcome=exc.outcome, error=exc.message)
         return error_response(exc)
@@ -70,8 +82,8 @@ async def models(request: Request) -> Response:
 
     401 without a valid key. One audit row (endpoint ``models``).
     """
-    return await _audited(request, "models",
-                          lambda gw: json_response({"object": "list", "data": _listing(gw)}))
+    return await _audited(request, "models", lambda gw, p: json_response(
+        {"object": "list", "data": _listing(gw, p)}))
 
 
 async def model(request: Request) -> Response:
@@ -82,8 +94,8 @@ async def model(request: Request) -> Response:
     """
     name = request.path_params["model"]
 
-    def answer(gw: Gateway) -> Response:
-        listing = _listing(gw)
+    def answer(gw: Gateway, principal: Principal) -> Response:
+        listing = _listing(gw, principal)
         for card in listing:
             if card["id"] == name:
                 return json_response(card)
@@ -112,7 +124,12 @@ async def readyz(request: Request) -> Response:
 
 
 ROUTES = [
-    *((a.path, _proxied(a), ["POST"]) for a in (CHAT, COMPLETIONS, EMBEDDINGS)),
+    *((a.path, _proxied(a), ["POST"]) for a in (CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES,
+                                                  COUNT_TOKENS, SCORE, RERANK)),
+    *((path, _proxied(a), ["POST"]) for a in (TOKENIZE, DETOKENIZE)
+      for path in (a.path, f"/v1{a.path}")),
+    ("/v1/responses", responses_create, ["POST"]),
+    *stored_responses.ROUTES,
     ("/v1/models", models, ["GET"]),
     ("/v1/models/{model:path}", model, ["GET"]),
     ("/healthz", healthz, ["GET"]),

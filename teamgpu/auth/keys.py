@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import builtins  # KeyStore.list shadows the built-in in the class's annotations
 import hashlib
+import json
 import secrets
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +26,7 @@ from teamgpu.scheduler.priority import PriorityClass
 from teamgpu.store.tables import api_keys
 
 KEY_PREFIX = "tg-"
+ALL_MODELS = "all"  # KeyStore.update(models=ALL_MODELS): the key may use every model again
 
 
 class KeyError_(Exception):
@@ -69,6 +72,7 @@ class Principal:
     max_concurrent: int | None = None
     daily_tokens: int | None = None
     rotated_from: str | None = None
+    models: tuple[str, ...] | None = None  # served names or aliases this key may use; None: all
 
     def status(self, now: datetime) -> str:
         """``active``, ``expired`` or ``revoked``."""
@@ -83,6 +87,7 @@ class Principal:
         d["id"] = d.pop("key_id")
         d["max_priority"] = self.max_priority.label
         d["default_priority"] = self.default_priority.label
+        d["models"] = list(self.models) if self.models is not None else None
         for k in ("created_at", "expires_at", "revoked_at"):
             d[k] = d[k].isoformat() if d[k] else None
         return d
@@ -115,7 +120,32 @@ def _principal_from_mapping(m: Any) -> Principal:
         max_concurrent=m["max_concurrent"],
         daily_tokens=m["daily_tokens"],
         rotated_from=m["rotated_from"],
+        models=_models_from_db(m["models"]),
     )
+
+
+def _models_from_db(raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return tuple(str(n) for n in names) if isinstance(names, list) else None
+
+
+def _models_to_db(models: Iterable[str] | None) -> str | None:
+    """A key's model list as stored: a JSON list, or None (every model).
+
+    Raises:
+        KeyError_: an empty list, or a name that is empty or over 256 characters.
+    """
+    if models is None:
+        return None
+    names = [m.strip() for m in models]
+    if not names or any(not n or len(n) > 256 for n in names):
+        raise KeyError_("--models needs one or more model names (served names or aliases)")
+    return json.dumps(list(dict.fromkeys(names)))
 
 
 LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent", "daily_tokens")
@@ -158,6 +188,7 @@ class KeyStore:
         weight: float = 1.0,
         rotated_from: str | None = None,
         limits: dict[str, int | None] | None = None,
+        models: Iterable[str] | None = None,
     ) -> tuple[str, Principal]:
         """Create a key for ``user``.
 
@@ -189,6 +220,7 @@ class KeyStore:
             "max_priority": ceiling.label,
             "default_priority": default.label,
             "weight": weight,
+            "models": _models_to_db(models),
         }
         for f in LIMIT_FIELDS:
             row[f] = (limits or {}).get(f)
@@ -278,6 +310,7 @@ class KeyStore:
             weight=old.weight,
             rotated_from=old.key_id,
             limits={f: getattr(old, f) for f in LIMIT_FIELDS},
+            models=old.models,
         )
         if old.expires_at is not None:
             with self.engine.begin() as conn:
@@ -299,13 +332,14 @@ class KeyStore:
         """Change priorities, weight or limits of every active key of that id or user.
 
         ``changes`` keys: ``max_priority``, ``default_priority``, ``weight``, ``rpm``,
-        ``tpm``, ``max_concurrent``, ``daily_tokens``; a None value is left unchanged.
+        ``tpm``, ``max_concurrent``, ``daily_tokens``, ``models`` (a list of names, or
+        ``ALL_MODELS`` for every model); a None value is left unchanged.
 
         Raises:
             KeyError_: unknown key or invalid value.
         """
         values = {k: v for k, v in changes.items() if v is not None}
-        allowed = {"max_priority", "default_priority", "weight", *LIMIT_FIELDS}
+        allowed = {"max_priority", "default_priority", "weight", "models", *LIMIT_FIELDS}
         bad = set(values) - allowed
         if bad:
             raise KeyError_(f"cannot update {sorted(bad)}")
@@ -313,6 +347,9 @@ class KeyStore:
         for name in ("max_priority", "default_priority"):
             if name in values:
                 values[name] = _priority(values[name]).label
+        if "models" in values:
+            values["models"] = None if values["models"] == ALL_MODELS \
+                else _models_to_db(values["models"])
         if "weight" in values and not values["weight"] > 0:
             raise KeyError_("weight must be > 0")
         for f in LIMIT_FIELDS:

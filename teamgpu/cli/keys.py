@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from teamgpu.auth.keys import KeyError_, KeyStore, Principal
+from teamgpu.auth.keys import ALL_MODELS, KeyError_, KeyStore, Principal
 from teamgpu.cli.common import load_settings, print_json, settings_options
 from teamgpu.scheduler.priority import PriorityClass
 from teamgpu.store.db import open_store
@@ -43,7 +43,17 @@ def limit_options(fn: Any) -> Any:
                       help="Class used when a request sends no X-Priority.")(fn)
     fn = click.option("--max-priority", type=PRIORITY, default=None,
                       help="Highest class this key may use (ceiling).")(fn)
+    fn = click.option("--models", default=None, metavar="A,B",
+                      help="Models this key may use: served names or aliases, comma-separated "
+                           "(default: all; `keys update --models all` lifts a list).")(fn)
     return fn
+
+
+def _models(value: str | None) -> list[str] | None:
+    """``--models A,B`` as a list (None when not given)."""
+    if value is None:
+        return None
+    return [m.strip() for m in value.split(",") if m.strip()] or [""]
 
 
 def _show_secret(secret: str, p: Principal, as_json: bool, verb: str) -> None:
@@ -75,8 +85,8 @@ def keys_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @settings_options
 def create(_settings_overrides: dict[str, Any], name: str, admin: bool, expires_in: float | None,
-           max_priority: str | None, default_priority: str | None, weight: float | None,
-           rpm: int | None, tpm: int | None, max_concurrent: int | None,
+           models: str | None, max_priority: str | None, default_priority: str | None,
+           weight: float | None, rpm: int | None, tpm: int | None, max_concurrent: int | None,
            daily_tokens: int | None, as_json: bool) -> None:
     """Create a key for user NAME and show it once."""
     ks = _store(_settings_overrides)
@@ -88,6 +98,7 @@ def create(_settings_overrides: dict[str, Any], name: str, admin: bool, expires_
             weight=weight or 1.0,
             limits={"rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent,
                     "daily_tokens": daily_tokens},
+            models=_models(models),
         )
     except KeyError_ as exc:
         _fail(exc)
@@ -115,11 +126,12 @@ def list_(_settings_overrides: dict[str, Any], as_json: bool, show_all: bool) ->
     if as_json:
         print_json([{**k.public(), "status": k.status(now)} for k in keys])
         return
-    t = Table("id", "user", "prefix", "role", "status", "priority", "weight", "rpm", "tpm",
-              "created", "expires")
+    t = Table("id", "user", "prefix", "role", "status", "models", "priority", "weight", "rpm",
+              "tpm", "created", "expires")
     for k in keys:
         t.add_row(k.key_id, k.user, k.prefix + "…", "admin" if k.is_admin else "user",
-                  k.status(now), f"{k.default_priority.label}≤{k.max_priority.label}", f"{k.weight:g}",
+                  k.status(now), "all" if k.models is None else ",".join(k.models),
+                  f"{k.default_priority.label}≤{k.max_priority.label}", f"{k.weight:g}",
                   _lim(k.rpm), _lim(k.tpm), k.created_at.strftime("%Y-%m-%d %H:%M"),
                   k.expires_at.strftime("%Y-%m-%d %H:%M") if k.expires_at else "never")
     Console(width=None if sys.stdout.isatty() else 160).print(t)
@@ -169,14 +181,16 @@ def rotate(_settings_overrides: dict[str, Any], id_or_user: str, grace: float,
 @limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @settings_options
-def update_(_settings_overrides: dict[str, Any], id_or_user: str, max_priority: str | None,
-            default_priority: str | None, weight: float | None, rpm: int | None,
-            tpm: int | None, max_concurrent: int | None, daily_tokens: int | None,
-            as_json: bool) -> None:
-    """Change the priorities, weight or limits of a key (or of every key of a user)."""
+def update_(_settings_overrides: dict[str, Any], id_or_user: str, models: str | None,
+            max_priority: str | None, default_priority: str | None, weight: float | None,
+            rpm: int | None, tpm: int | None, max_concurrent: int | None,
+            daily_tokens: int | None, as_json: bool) -> None:
+    """Change the models, priorities, weight or limits of a key (or of every key of a
+    user)."""
     ks = _store(_settings_overrides)
     try:
-        keys = ks.update(id_or_user, max_priority=max_priority,
+        keys = ks.update(id_or_user, models=ALL_MODELS if models == ALL_MODELS
+                         else _models(models), max_priority=max_priority,
                          default_priority=default_priority, weight=weight, rpm=rpm,
                          tpm=tpm, max_concurrent=max_concurrent, daily_tokens=daily_tokens)
     except KeyError_ as exc:

@@ -39,6 +39,8 @@ api_keys = Table(
     Column("tpm", Integer, nullable=True),
     Column("max_concurrent", Integer, nullable=True),
     Column("daily_tokens", Integer, nullable=True),
+    # per-key model access: a JSON list of served names or aliases; NULL = every model
+    Column("models", Text, nullable=True),
 )
 
 usage = Table(
@@ -70,6 +72,24 @@ usage = Table(
 )
 
 
-LISTING_ENDPOINTS = ("models",)
+stored_responses = Table(
+    "responses",
+    metadata,
+    # a Responses API object the gateway relayed with store on (teamgpu/store/responses.py)
+    Column("id", String(128), primary_key=True),
+    Column("user", String(128), nullable=False, index=True),
+    Column("key_id", String(32), nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("backend", String(256), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("deleted_at", DateTime(timezone=True), nullable=True),
+    Column("input_items", Text, nullable=True),
+)
+
+
+LISTING_ENDPOINTS = ("models", "responses.retrieve", "responses.delete", "responses.cancel",
+                     "responses.input_items", "tokenize", "detokenize", "messages.count_tokens")
 """Endpoints whose rows are kept for the audit trail but are not usage: usage reports,
-``/stats`` and the dashboard count inference requests (chat, completions, embeddings)."""
+``/stats`` and the dashboard count inference requests (chat, completions, embeddings,
+responses, messages, score, rerank), not model listings, stored-response look-ups or
+tokenizer calls."""

@@ -154,5 +154,18 @@ class UpstreamClient:
             await r.read()
             return r.status, None
 
+    async def request_bytes(self, method: str, url: str, timeout_s: float) -> tuple[int, bytes]:
+        """``method url`` without a body; returns ``(status, body)``.
+
+        Raises:
+            ServiceUnavailable, BackendTimeout, BackendError: see the module docstring.
+        """
+        try:
+            async with self._session.request(
+                    method, url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                return r.status, await r.read()
+        except UPSTREAM_ERRORS as exc:
+            raise convert_error(exc, url, 5) from exc
+
     async def close(self) -> None:
         await self._session.close()

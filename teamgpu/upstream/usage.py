@@ -34,7 +34,11 @@ def _usage(u: Any) -> Usage | None:
     if not isinstance(u, dict):
         return None
     try:
-        return Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+        # pooling answers (score, rerank) may carry only total_tokens: all of it is prompt
+        prompt = u.get("prompt_tokens")
+        if prompt is None and "completion_tokens" not in u:
+            prompt = u.get("total_tokens")
+        return Usage(int(prompt or 0), int(u.get("completion_tokens") or 0))
     except (TypeError, ValueError):
         return None
 

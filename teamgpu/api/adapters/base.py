@@ -26,7 +26,9 @@ from typing import Any, ClassVar
 import orjson
 from starlette.responses import Response
 
+from teamgpu.api.context import RequestCtx
 from teamgpu.api.errors import error_response
+from teamgpu.auth.keys import Principal
 from teamgpu.errors import BadRequest, GatewayError
 from teamgpu.upstream.relay import error_from_stream_start, mid_stream_error_event
 from teamgpu.upstream.usage import EventAccount, Usage
@@ -77,12 +79,15 @@ class ProtocolAdapter:
         path: the backend path the request goes to (``/v1/chat/completions``).
         generative: the request generates tokens: its output tokens are reserved and it
             carries vLLM's ``priority`` field (embeddings do not).
+        scheduled: the request goes through the limits and the scheduler; tokenizer
+            calls do not (they are authenticated, resolved and audited only).
         prompt_keys: the body fields that hold the prompt (estimate, stored text).
     """
 
     endpoint: ClassVar[str]
     path: ClassVar[str]
     generative: ClassVar[bool] = True
+    scheduled: ClassVar[bool] = True
     prompt_keys: ClassVar[tuple[str, ...]] = ("messages", "prompt", "input")
 
     def model_of(self, payload: dict[str, Any]) -> str:
@@ -130,6 +135,29 @@ class ProtocolAdapter:
             if key in payload:
                 v = payload[key]
                 return v if isinstance(v, str) else orjson.dumps(v).decode()
+        return None
+
+    async def locate(self, principal: Principal, payload: dict[str, Any]) -> str | None:
+        """The base URL of the backend the request must go to, because it holds state the
+        request refers to (a stored response), or None for any backend of the model.
+
+        Raises:
+            NotFound: 404, the request refers to state that is not the key's user's.
+        """
+        return None
+
+    async def answered(self, ctx: RequestCtx, payload: dict[str, Any], answer_id: str | None,
+                       backend: str) -> None:
+        """Called once the backend answered with success, before the client sees the end of
+        the answer: ``answer_id`` is the answer's id (:meth:`answer_id`,
+        :meth:`stream_answer_id`), ``backend`` the backend that answered."""
+
+    def answer_id(self, body: bytes) -> str | None:
+        """The id of a complete answer the API lets clients refer to later, or None."""
+        return None
+
+    def stream_answer_id(self, account: EventAccount) -> str | None:
+        """The id a stream's events named, or None."""
         return None
 
     def usage(self, body: bytes) -> Usage | None:

@@ -22,7 +22,8 @@ from teamgpu.upstream.usage import (
     usage_from_body,
 )
 
-__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "ChatCompletions", "Completions", "Embeddings"]
+__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "RERANK", "SCORE", "ChatCompletions",
+           "Completions", "Embeddings", "Rerank", "Score"]
 
 
 class _OpenAIGenerative(ProtocolAdapter):
@@ -129,6 +130,24 @@ class Embeddings(ProtocolAdapter):
         return usage_from_body(body)
 
 
+class Score(Embeddings):
+    """``POST /v1/score`` (a pooling model: cross-encoder or embedding similarity)."""
+
+    endpoint = "score"
+    path = "/v1/score"
+    prompt_keys = ("text_1", "text_2", "queries", "documents", "data_1", "data_2")
+
+
+class Rerank(Embeddings):
+    """``POST /v1/rerank`` (Jina/Cohere-style rerank on a pooling model)."""
+
+    endpoint = "rerank"
+    path = "/v1/rerank"
+    prompt_keys = ("query", "documents")
+
+
 CHAT = ChatCompletions()
 COMPLETIONS = Completions()
 EMBEDDINGS = Embeddings()
+SCORE = Score()
+RERANK = Rerank()
