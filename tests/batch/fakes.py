@@ -8,7 +8,8 @@ The fake executor reads a ``fake`` object in an item's body::
               "retry_times": 1,       # ... for the first N attempts (default 1)
               "delay_s": 0.0,         # real seconds to take
               "hold": false,          # wait until FakeExecutor.release() is called
-              "raise": false}}        # raise instead of answering (an executor bug)
+              "gate": "g1",           # wait until FakeExecutor.open_gate("g1") is called
+              "crash": false}}        # raise instead of answering (an executor bug)
 
 Anything else gets a chat completion with usage 3 prompt + 5 completion tokens.
 """
@@ -88,6 +89,11 @@ class FakeExecutor:
     max_in_flight: Counter[str] = field(default_factory=Counter)
     cancelled: list[str] = field(default_factory=list)          # request ids aborted
     _release: asyncio.Event | None = None
+    _gates: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def open_gate(self, name: str) -> None:
+        """Let the items waiting on gate ``name`` answer (and any that come later)."""
+        self._gates.setdefault(name, asyncio.Event()).set()
 
     def slots(self, principal: Principal, model: str) -> int:
         return self.slots_by_model.get(model, self.default_slots)
@@ -117,9 +123,11 @@ class FakeExecutor:
                 if self._release is None:
                     self._release = asyncio.Event()
                 await self._release.wait()
+            if fake.get("gate"):
+                await self._gates.setdefault(fake["gate"], asyncio.Event()).wait()
             if fake.get("delay_s"):
                 await asyncio.sleep(float(fake["delay_s"]))
-            if fake.get("raise"):
+            if fake.get("crash"):
                 raise RuntimeError("executor bug")
             if fake.get("retry_after_s") is not None and \
                     self.attempts[call.custom_id] <= int(fake.get("retry_times", 1)):

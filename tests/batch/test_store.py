@@ -74,7 +74,7 @@ def test_file_listing_filters_and_pages(engine: Engine, alice: Principal) -> Non
     upload(files, bob, b"{}", at=T0 + 3)
     out = upload(files, alice, b"{}", at=T0 + 20, purpose="batch_output")
     got, more = files.list(user="alice")
-    assert [f.id for f in got][0] == out and len(got) == 9 and not more
+    assert got[0].id == out and len(got) == 9 and not more
     assert all(f.user == "alice" for f in got)
     assert len(files.list(user=None)[0]) == 10
     assert [f.id for f in files.list(user="alice", purpose="batch_output")[0]] == [out]
