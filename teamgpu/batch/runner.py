@@ -112,6 +112,12 @@ class _Job:
         if rec.in_progress_at is not None:
             self.started_at = rec.in_progress_at.timestamp()
 
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        if self.status in ("validating", "in_progress"):
+            self.status = "cancelling"
+        self.wake.set()
+
     def next_item(self) -> Item | None:
         if self.retries:
             return self.retries[0]
@@ -220,8 +226,7 @@ class BatchRunner:
         this runner's jobs (other gateways see it at their next poll)."""
         job = self._jobs.get(batch_id)
         if job is not None:
-            job.cancel_requested = True
-            job.wake.set()
+            job.request_cancel()
         else:
             self._wake.set()
 
@@ -267,8 +272,7 @@ class BatchRunner:
                 if job.task is not None:
                     job.task.cancel()
             elif status == "cancelling" and not job.cancel_requested:
-                job.cancel_requested = True
-                job.wake.set()
+                job.request_cancel()
         room = self.settings.batch_max_active_jobs - len(self._jobs)
         if room <= 0 or self._stop.is_set():
             return

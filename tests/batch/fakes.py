@@ -29,6 +29,7 @@ from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 
+from teamgpu.api.request_id import RequestIdMiddleware
 from teamgpu.auth.keys import KeyStore, Principal
 from teamgpu.batch import BatchCall, BatchRunner, BatchService, CallResult, FileStore
 from teamgpu.batch.clock import Clock
@@ -235,7 +236,9 @@ def build_app(engine: Engine, s: Settings, executor: FakeExecutor,
         finally:
             await runner.stop()
 
-    return Starlette(routes=batch_routes(service), lifespan=lifespan), service, runner
+    app = Starlette(routes=batch_routes(service), lifespan=lifespan)
+    app.add_middleware(RequestIdMiddleware)  # as the gateway's app does
+    return app, service, runner
 
 
 @contextlib.contextmanager

@@ -236,7 +236,10 @@ async def test_a_cancel_made_by_another_gateway_is_seen_at_the_next_poll(env: En
     await env.runner(ex, batch_poll_interval_s=2.0)
     await wait_for(lambda: ex.total_in_flight == 1)
     env.store.request_cancel(rec.id, env.clock.time())  # no runner.cancel(): elsewhere
+    await asyncio.sleep(0.05)
+    assert env.runners[0].stats()[0]["status"] == "in_progress"
     await env.clock.advance(2.5)
+    await wait_for(lambda: env.runners[0].stats()[0]["status"] == "cancelling")
     ex.release()
     done = await env.ended(rec.id)
     assert done.status == "cancelled" and (done.completed, done.failed) == (1, 1)
