@@ -9,6 +9,7 @@ Modules: ``executor`` (the interface the request pipeline implements), ``protoco
 from teamgpu.batch.clock import Clock, SystemClock
 from teamgpu.batch.executor import BatchCall, BatchExecutor, CallResult
 from teamgpu.batch.files import FileStore, StoredFile
+from teamgpu.batch.protocol import JobStats
 from teamgpu.batch.routes import BatchService, batch_routes
 from teamgpu.batch.runner import BatchRunner
 from teamgpu.batch.store import BatchRecord, BatchStore
@@ -23,6 +24,7 @@ __all__ = [
     "CallResult",
     "Clock",
     "FileStore",
+    "JobStats",
     "StoredFile",
     "SystemClock",
     "batch_routes",
