@@ -12,6 +12,8 @@ The fake executor reads a ``fake`` object in an item's body::
               "crash": false}}        # raise instead of answering (an executor bug)
 
 Anything else gets a chat completion with usage 3 prompt + 5 completion tokens.
+``FakeExecutor.hold_all`` holds every item as ``"hold"`` does; a custom_id in
+``FakeExecutor.fail_ids`` gets a 400.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ import orjson
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
+from teamgpu.api.errors import error_response
 from teamgpu.api.request_id import RequestIdMiddleware
 from teamgpu.auth.keys import KeyStore, Principal
 from teamgpu.batch import BatchCall, BatchRunner, BatchService, CallResult, FileStore
 from teamgpu.batch.clock import Clock
 from teamgpu.batch.routes import batch_routes
-from teamgpu.errors import AuthenticationError
+from teamgpu.errors import AuthenticationError, GatewayError
 from teamgpu.settings import Settings
 from tests.support.fake_backend import ServerThread
 
@@ -89,6 +94,8 @@ class FakeExecutor:
     in_flight: Counter[str] = field(default_factory=Counter)   # per model
     max_in_flight: Counter[str] = field(default_factory=Counter)
     cancelled: list[str] = field(default_factory=list)          # request ids aborted
+    hold_all: bool = False
+    fail_ids: set[str] = field(default_factory=set)
     _release: asyncio.Event | None = None
     _gates: dict[str, asyncio.Event] = field(default_factory=dict)
 
@@ -120,7 +127,7 @@ class FakeExecutor:
         self.max_in_flight[model] = max(self.max_in_flight[model], self.in_flight[model])
         fake = call.body.get("fake") or {}
         try:
-            if fake.get("hold"):
+            if fake.get("hold") or self.hold_all:
                 if self._release is None:
                     self._release = asyncio.Event()
                 await self._release.wait()
@@ -136,8 +143,8 @@ class FakeExecutor:
                                                   "type": "rate_limit_error", "param": None,
                                                   "code": "rate_limit_exceeded"}},
                                   retry_after_s=float(fake["retry_after_s"]))
-            if fake.get("status"):
-                st = int(fake["status"])
+            if fake.get("status") or call.custom_id in self.fail_ids:
+                st = int(fake.get("status") or 400)
                 return CallResult(st, {"error": {"message": f"fake {st}",
                                                  "type": "invalid_request_error",
                                                  "param": None, "code": None}})
@@ -236,7 +243,15 @@ def build_app(engine: Engine, s: Settings, executor: FakeExecutor,
         finally:
             await runner.stop()
 
-    app = Starlette(routes=batch_routes(service), lifespan=lifespan)
+    async def models(request: Request) -> Response:  # what `teamgpu batch files` asks
+        try:
+            await service.authenticate(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    app = Starlette(routes=[*batch_routes(service), Route("/v1/models", models)],
+                    lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware)  # as the gateway's app does
     return app, service, runner
 
