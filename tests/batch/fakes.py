@@ -180,8 +180,11 @@ def settings(tmp_path: Path, **kw: Any) -> Settings:
     return Settings(**base)
 
 
-async def wait_for(cond: Any, timeout_s: float = 5.0, what: str = "condition") -> Any:
-    """Await until ``cond()`` is truthy (real time), yielding to other tasks meanwhile."""
+async def wait_for(cond: Any, timeout_s: float = 5.0, what: str = "condition", *,
+                   clock: FakeClock | None = None, tick_s: float = 0.0) -> Any:
+    """Await until ``cond()`` is truthy (``timeout_s`` of real time), yielding to other
+    tasks meanwhile. With ``clock``, it is moved ``tick_s`` on each try: for what waits on
+    a timer of the runner (its poll), which may start waiting after any single move."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
@@ -191,6 +194,8 @@ async def wait_for(cond: Any, timeout_s: float = 5.0, what: str = "condition") -
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.005)
+        if clock is not None:
+            await clock.advance(tick_s)
 
 
 def key_authenticator(keys: KeyStore) -> Any:

@@ -58,9 +58,13 @@ class Env:
         assert rec is not None
         return rec
 
-    async def ended(self, batch_id: str, timeout_s: float = 5.0) -> BatchRecord:
+    async def ended(self, batch_id: str, timeout_s: float = 5.0, *, tick_s: float = 0.0
+                    ) -> BatchRecord:
+        """The batch once it has ended and no runner works on it; with ``tick_s`` the
+        clock moves that much on each look (for what a runner's poll must pick up)."""
         await wait_for(lambda: self.get(batch_id).status in TERMINAL_STATUSES, timeout_s,
-                       f"batch {batch_id} to end")
+                       f"batch {batch_id} to end", clock=self.clock if tick_s else None,
+                       tick_s=tick_s)
         for r in self.runners:
             await asyncio.wait_for(r.join(batch_id), timeout_s)
         return self.get(batch_id)
@@ -238,8 +242,8 @@ async def test_a_cancel_made_by_another_gateway_is_seen_at_the_next_poll(env: En
     env.store.request_cancel(rec.id, env.clock.time())  # no runner.cancel(): elsewhere
     await asyncio.sleep(0.05)
     assert env.runners[0].stats()[0]["status"] == "in_progress"
-    await env.clock.advance(2.5)
-    await wait_for(lambda: env.runners[0].stats()[0]["status"] == "cancelling")
+    await wait_for(lambda: env.runners[0].stats()[0]["status"] == "cancelling",
+                   clock=env.clock, tick_s=0.5)
     ex.release()
     done = await env.ended(rec.id)
     assert done.status == "cancelled" and (done.completed, done.failed) == (1, 1)
@@ -250,7 +254,7 @@ async def test_expiry_aborts_items_in_flight_and_fails_the_rest(env: Env) -> Non
     rec = env.batch([line("a"), line("b", hold=True), line("c", hold=True), line("d")],
                     window_h=1)
     r = await env.runner(ex)
-    await wait_for(lambda: ex.total_in_flight == 2 and env.get(rec.id).completed == 1)
+    await wait_for(lambda: ex.total_in_flight == 2 and r.stats()[0]["items"]["done"] == 1)
     assert r.stats()[0]["items"] == {"total": 4, "queued": 1, "in_flight": 2, "done": 1,
                                      "failed": 0}
     await env.clock.advance(3599)
@@ -308,8 +312,7 @@ async def test_a_job_another_runner_holds_is_left_to_it(env: Env) -> None:
     await r1.stop()  # a clean stop releases the lease: the other runner takes over
     env.runners.remove(r1)
     ex2.release()
-    await env.clock.advance(5)
-    done = await env.ended(rec.id)
+    done = await env.ended(rec.id, tick_s=0.05)
     assert done.status == "completed" and sorted(c.custom_id for c in ex2.calls) == ["a", "b"]
 
 
@@ -334,8 +337,8 @@ async def test_jobs_beyond_the_active_limit_wait_their_turn(env: Env) -> None:
     assert env.get(second.id).status == "validating"
     ex.release()
     assert (await env.ended(first.id)).status == "completed"
-    await env.clock.advance(3)  # the next poll claims the waiting job
-    assert (await env.ended(second.id)).status == "completed"
+    # the next poll claims the waiting job
+    assert (await env.ended(second.id, tick_s=0.05)).status == "completed"
 
 
 async def test_stats_estimate_the_time_left_from_recent_completions(env: Env) -> None:
@@ -345,12 +348,13 @@ async def test_stats_estimate_the_time_left_from_recent_completions(env: Env) ->
     r = await env.runner(ex)
     assert r.stats()[0]["eta_s"] is None
     ex.open_gate("1")
-    await wait_for(lambda: env.get(rec.id).completed == 1)
+    await wait_for(lambda: r.stats()[0]["items"]["done"] == 1)  # counted, stamped T0
     await env.clock.advance(10)
     ex.open_gate("2")
-    await wait_for(lambda: r.stats()[0]["items"]["done"] == 2)
+    await wait_for(lambda: r.stats()[0]["items"]["done"] == 2
+                   and r.stats()[0]["items"]["in_flight"] == 1)
     st = r.stats()[0]
-    assert st["user"] == "alice" and st["endpoint"] == "/v1/chat/completions"
+    assert st["id"] == rec.id and st["user"] == "alice" and st["endpoint"] == "/v1/chat/completions"
     assert st["started_at"] == T0 and st["paused_until"] is None
     assert st["items"] == {"total": 5, "queued": 2, "in_flight": 1, "done": 2, "failed": 0}
     assert st["eta_s"] == pytest.approx(30.0)  # 3 left at one per 10 s
