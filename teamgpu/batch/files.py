@@ -25,10 +25,15 @@ from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, sele
 from teamgpu.batch.protocol import FileObject
 from teamgpu.store.tables import batch_file_chunks, batch_files
 
-__all__ = ["CHUNK_BYTES", "FileStore", "StoredFile", "aware", "new_file_id", "unix"]
+__all__ = ["CHUNK_BYTES", "FileStore", "StoredFile", "aware", "new_file_id", "page_chunks",
+           "unix"]
 
 CHUNK_BYTES = 1 << 20
-PURPOSES = ("batch", "batch_output")
+
+
+def page_chunks(purpose: str) -> int:
+    """Chunks to read at a time: uploads have 1 MiB chunks, job results one line each."""
+    return 256 if purpose == "batch_output" else 4
 
 
 def new_file_id() -> str:
@@ -153,11 +158,11 @@ class FileStore:
                 .order_by(c.seq).limit(limit)).all()
         return [(int(s), bytes(d)) for s, d in rows]
 
-    def iter_content(self, file_id: str) -> Iterator[bytes]:
-        """The file's bytes, chunk by chunk (a page of chunks read at a time)."""
+    def iter_content(self, file_id: str, page: int = 4) -> Iterator[bytes]:
+        """The file's bytes, chunk by chunk (``page`` chunks read at a time)."""
         after = -1
-        while page := self.read_chunks(file_id, after):
-            for seq, data in page:
+        while page_ := self.read_chunks(file_id, after, page):
+            for seq, data in page_:
                 yield data
                 after = seq
 

@@ -37,7 +37,7 @@ from teamgpu.batch.errors import (
     FileTooLarge,
     ReadOnlyForAdmin,
 )
-from teamgpu.batch.files import FileStore, StoredFile
+from teamgpu.batch.files import FileStore, StoredFile, page_chunks
 from teamgpu.batch.protocol import CreateBatchRequest, parse_completion_window
 from teamgpu.batch.runner import BatchRunner
 from teamgpu.batch.store import BatchRecord, BatchStore
@@ -272,9 +272,11 @@ async def file_content(svc: BatchService, request: Request) -> Response:
     p = await svc.authenticate(request)
     f = await _file_for(svc, p, request.path_params["file_id"])
 
+    n = page_chunks(f.purpose)
+
     async def body() -> AsyncIterator[bytes]:
         after = -1
-        while page := await asyncio.to_thread(svc.files.read_chunks, f.id, after):
+        while page := await asyncio.to_thread(svc.files.read_chunks, f.id, after, n):
             for seq, data in page:
                 yield data
                 after = seq

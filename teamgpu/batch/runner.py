@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import copy
 import logging
 import os
 import secrets
@@ -402,7 +403,9 @@ class BatchRunner:
         try:
             await self._db(self.store.start_attempt, rec.id, item.line_no)
             attempt = item.attempts + 1
-            call = BatchCall(principal=job.principal, endpoint=rec.endpoint, body=item.body,
+            # a copy per attempt: the pipeline may add fields to what it sends on
+            call = BatchCall(principal=job.principal, endpoint=rec.endpoint,
+                             body=copy.deepcopy(item.body),
                              batch_id=rec.id, custom_id=item.custom_id,
                              request_id=f"{rec.id}-{item.line_no}-{attempt}")
             try:

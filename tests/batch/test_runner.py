@@ -166,6 +166,7 @@ async def test_a_429_with_retry_after_pauses_the_job_and_retries_the_same_item(
     await wait_for(lambda: ex.attempts["a"] == 1)
     await asyncio.sleep(0.05)
     assert [c.custom_id for c in ex.calls] == ["a"]  # paused: b does not start
+    ex.calls[0].body["priority"] = 2  # what a pipeline may add to the body it sends on
     st = r.stats()[0]
     assert st["paused_until"] == T0 + 30 and st["status"] == "in_progress"
     assert st["items"]["queued"] == 3 and st["items"]["failed"] == 0
@@ -176,6 +177,7 @@ async def test_a_429_with_retry_after_pauses_the_job_and_retries_the_same_item(
     done = await env.ended(rec.id)
     assert [c.custom_id for c in ex.calls] == ["a", "a", "b", "c"]
     assert ex.calls[1].request_id == f"{rec.id}-1-2"
+    assert "priority" not in ex.calls[1].body  # each attempt gets the line's own body
     assert (done.completed, done.failed) == (3, 0)
     out = env.content(done.output_file_id)
     assert out[0]["custom_id"] == "a" and out[0]["response"]["request_id"] == f"{rec.id}-1-2"
