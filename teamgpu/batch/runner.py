@@ -37,6 +37,7 @@ import socket
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -272,8 +273,16 @@ class BatchRunner:
                             batch_id)
                 if job.task is not None:
                     job.task.cancel()
-            elif status == "cancelling" and not job.cancel_requested:
+                continue
+            if status == "cancelling" and not job.cancel_requested:
                 job.request_cancel()
+            if job.principal is not None and status == "in_progress":
+                # limits and ceiling as they are now; a revoked key stops its jobs
+                p = await asyncio.to_thread(self._owner_key, job.record.key_id)
+                if p is None:
+                    await self._cancel_for_key(job)
+                else:
+                    job.principal = p
         room = self.settings.batch_max_active_jobs - len(self._jobs)
         if room <= 0 or self._stop.is_set():
             return
@@ -289,6 +298,31 @@ class BatchRunner:
             self._jobs[rec.id] = job
             self._job_ended[rec.id] = asyncio.Event()
             job.task = asyncio.create_task(self._run(job), name=f"teamgpu-batch-{rec.id}")
+
+    def _owner_key(self, key_id: str) -> Principal | None:
+        """The key a job runs with: the owner's key, or once that has expired the key it was
+        rotated into (``teamgpu keys rotate``, followed to the newest); None when none of
+        them is active (revoked, expired, or gone)."""
+        now = datetime.fromtimestamp(self.clock.time(), UTC)
+        seen: set[str] = set()
+        current: str | None = key_id
+        while current is not None and current not in seen:
+            seen.add(current)
+            try:
+                p = self.keys.get(current)
+            except KeyError_:
+                return None
+            if p.status(now) == "active":
+                return p
+            current = self.store.successor_key(current)
+        return None
+
+    async def _cancel_for_key(self, job: _Job) -> None:
+        log.warning("batch %s: the owner key %s is no longer active (revoked or expired, "
+                    "and not rotated into an active key); cancelling", job.record.id,
+                    job.record.key_id)
+        job.request_cancel()
+        await self._db(self.store.request_cancel, job.record.id, self.clock.time())
 
     # --- running a job -----------------------------------------------------------------
     async def _db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
@@ -321,10 +355,7 @@ class BatchRunner:
 
     async def _run_job(self, job: _Job) -> None:
         batch_id = job.record.id
-        try:
-            job.principal = await asyncio.to_thread(self.keys.get, job.record.key_id)
-        except KeyError_:
-            job.principal = None
+        job.principal = await asyncio.to_thread(self._owner_key, job.record.key_id)
         if job.status == "validating":
             # not under the write lock: a large file takes seconds, and other jobs go on
             rec = await _finish_once_started(self.store.validate, batch_id,
@@ -336,10 +367,8 @@ class BatchRunner:
                 return
         if job.status == "cancelling":
             job.cancel_requested = True
-        if job.principal is None and job.status in ("in_progress", "cancelling"):
-            log.error("batch %s: owner key %s not found; cancelling", batch_id,
-                      job.record.key_id)
-            job.cancel_requested = True
+        if job.principal is None and job.status == "in_progress":
+            await self._cancel_for_key(job)
         if job.status == "finalizing":
             await self._finish(job, "completed")
             return

@@ -34,7 +34,7 @@ from teamgpu.batch.protocol import (
     BatchObject,
     OutputLine,
 )
-from teamgpu.store.tables import batch_items, batches
+from teamgpu.store.tables import api_keys, batch_items, batches
 
 __all__ = [
     "MAX_CUSTOM_ID_CHARS",
@@ -387,6 +387,14 @@ class BatchStore:
             with self.engine.begin() as conn:
                 conn.execute(update(batches).where(t.runner_id == runner_id, t.id.in_(ids))
                              .values(runner_id=None, lease_expires_at=None))
+
+    def successor_key(self, key_id: str) -> str | None:
+        """The newest key made by rotating ``key_id`` (``teamgpu keys rotate``), or None."""
+        c = api_keys.c
+        with self.engine.connect() as conn:
+            row = conn.execute(select(c.id).where(c.rotated_from == key_id)
+                               .order_by(c.created_at.desc()).limit(1)).first()
+        return None if row is None else str(row[0])
 
     def validate(self, batch_id: str, *, max_lines: int, now: float) -> BatchRecord:
         """Check the input file of a ``validating`` batch and store its items.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -389,3 +390,46 @@ async def test_two_runners_on_one_postgresql_store_share_jobs_without_overlap(
     ids = [c.custom_id for c in ex1.calls + ex2.calls]
     assert sorted(ids) == sorted(f"{j}-{i}" for j in range(4) for i in range(6))
     assert ex1.calls and ex2.calls
+
+
+async def test_a_revoked_owner_key_cancels_its_jobs(env: Env) -> None:
+    env.clock = FakeClock(time.time())  # key changes are stamped with the real time
+    ex = FakeExecutor(default_slots=1)
+    rec = env.batch([line("a", hold=True), line("b"), line("c")])
+    await env.runner(ex)
+    await wait_for(lambda: ex.total_in_flight == 1)
+    env.keys.revoke(env.alice.key_id)
+    await env.clock.advance(60)  # past the revocation
+    await wait_for(lambda: env.get(rec.id).status == "cancelling", clock=env.clock,
+                   tick_s=0.05)
+    ex.release()
+    done = await env.ended(rec.id)
+    assert done.status == "cancelled" and (done.completed, done.failed) == (1, 2)
+    assert [c.custom_id for c in ex.calls] == ["a"]
+
+
+async def test_a_rotated_owner_key_hands_its_jobs_to_the_new_key(env: Env) -> None:
+    """``keys rotate`` with no grace: the old key expires at once and the job goes on with
+    the new key (limits as the new key has them)."""
+    env.clock = FakeClock(time.time())
+    ex = FakeExecutor(default_slots=1)
+    rec = env.batch([line("a", gate="a"), line("b"), line("c")])
+    r = await env.runner(ex)
+    await wait_for(lambda: ex.total_in_flight == 1)
+    _, new = env.keys.rotate(env.alice.key_id, grace_hours=0)
+    await env.clock.advance(60)  # past the old key's end
+    polls = 0
+    real_tick = r._tick
+
+    async def counting_tick() -> None:
+        nonlocal polls
+        await real_tick()
+        polls += 1
+
+    r._tick = counting_tick  # type: ignore[method-assign]
+    await wait_for(lambda: polls >= 2, clock=env.clock, tick_s=0.05, what="two polls")
+    ex.open_gate("a")
+    done = await env.ended(rec.id)
+    assert done.status == "completed" and done.completed == 3
+    assert ex.calls[0].principal.key_id == env.alice.key_id
+    assert [c.principal.key_id for c in ex.calls[1:]] == [new.key_id, new.key_id]
