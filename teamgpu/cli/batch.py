@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 import httpx
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -273,12 +274,22 @@ def status(client: BatchClient, batch_id: str | None, as_json: bool, limit: int)
     if as_json:
         click.echo(json.dumps(batches, indent=2))
         return
-    t = Table("id", "status", "endpoint", "completed", "failed", "total", "created")
+    console = Console(width=None if os.isatty(1) else 160)
+    wide = console.width >= 100  # the endpoint only where it fits beside a whole id
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t.add_column("id", no_wrap=True)  # whole: ids are copied from here
+    t.add_column("status", no_wrap=True)
+    t.add_column("done", justify="right", no_wrap=True)
+    t.add_column("failed", justify="right", no_wrap=True)
+    t.add_column("created", no_wrap=True)
+    if wide:
+        t.add_column("endpoint", no_wrap=True)
     for b in batches:
         total, done, failed = _counts(b)
-        t.add_row(b["id"], b["status"], b["endpoint"], str(done), str(failed), str(total),
-                  _when(b["created_at"]))
-    Console(width=None if os.isatty(1) else 160).print(t)
+        row = [b["id"], b["status"], f"{done}/{total}", str(failed),
+               _when(b["created_at"])[5:16]]
+        t.add_row(*row, *([b["endpoint"].removeprefix("/v1/")] if wide else []))
+    console.print(t)
 
 
 @batch_group.command("cancel")
