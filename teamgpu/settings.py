@@ -181,6 +181,25 @@ class Settings(BaseSettings):
         default=20, ge=1, description="Failed authentications allowed per client address."
     )
 
+    # --- batch jobs ---------------------------------------------------------------------
+    batch_max_file_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1024,
+        description="Largest file accepted by POST /v1/files (413 past it).")
+    batch_max_lines: int = Field(
+        default=50_000, ge=1, description="Requests one batch input file may hold.")
+    batch_max_window_h: int = Field(
+        default=168, ge=24,
+        description="Longest completion_window accepted, in hours ('1h' to this; OpenAI: '24h').")
+    batch_max_active_jobs: int = Field(
+        default=4, ge=1,
+        description="Batch jobs one gateway runs at once; later ones wait their turn.")
+    batch_poll_interval_s: float = Field(
+        default=2.0, gt=0,
+        description="How often the batch runner renews its job leases and looks for new jobs.")
+    batch_lease_s: float = Field(
+        default=30.0, gt=0,
+        description="A job whose runner has not renewed its lease this long is taken over.")
+
     @field_validator("backends")
     @classmethod
     def _strip_backends(cls, v: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from teamgpu import __version__
+from teamgpu.cli.batch import batch_group
 from teamgpu.cli.bench import bench
 from teamgpu.cli.config import config_group
 from teamgpu.cli.connect import connect
@@ -30,3 +31,4 @@ main.add_command(top)
 main.add_command(doctor)
 main.add_command(connect)
 main.add_command(bench)
+main.add_command(batch_group)

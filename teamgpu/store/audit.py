@@ -51,6 +51,7 @@ class UsageRow:
     error: str | None = None
     prompt_text: str | None = None
     completion_text: str | None = None
+    batch_id: str | None = None  # the batch job the request is an item of (teamgpu/batch)
 
 
 class AuditLog:

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -67,8 +70,92 @@ usage = Table(
     Column("error", Text, nullable=True),
     Column("prompt_text", Text, nullable=True),
     Column("completion_text", Text, nullable=True),
+    # the batch job an item belongs to (teamgpu/batch); NULL for requests made directly
+    Column("batch_id", String(40), nullable=True),
     Index("ix_usage_ts", "ts"),
     Index("ix_usage_user_ts", "user", "ts"),
+    Index("ix_usage_batch_id", "batch_id"),
+)
+
+# --- the Batch API (teamgpu/batch, docs/batch.md) ---------------------------------------
+
+batch_files = Table(
+    "batch_files",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("user", String(128), nullable=False),
+    Column("key_id", String(32), nullable=True),
+    Column("purpose", String(32), nullable=False),
+    Column("filename", String(256), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_batch_files_user_created", "user", "created_at"),
+)
+
+batch_file_chunks = Table(
+    "batch_file_chunks",
+    metadata,
+    # a file's content is its chunks in seq order: 1 MiB pieces of an upload, or one
+    # result line each with seq = the item's input line number (written in the
+    # transaction that marks the item done)
+    Column("file_id", String(40), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("file_id", "seq", name="pk_batch_file_chunks"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("user", String(128), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(40), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("metadata_json", Text, nullable=True),
+    Column("errors_json", Text, nullable=True),
+    # the output and error files' ids are fixed when the job starts; their rows appear
+    # when the job ends (until then only their chunks exist)
+    Column("output_file_id", String(40), nullable=True),
+    Column("error_file_id", String(40), nullable=True),
+    Column("total", Integer, nullable=False, default=0),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("completion_tokens", BigInteger, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("in_progress_at", DateTime(timezone=True), nullable=True),
+    Column("finalizing_at", DateTime(timezone=True), nullable=True),
+    Column("completed_at", DateTime(timezone=True), nullable=True),
+    Column("failed_at", DateTime(timezone=True), nullable=True),
+    Column("expired_at", DateTime(timezone=True), nullable=True),
+    Column("cancelling_at", DateTime(timezone=True), nullable=True),
+    Column("cancelled_at", DateTime(timezone=True), nullable=True),
+    # which runner works on the job, until when (another gateway takes it over after)
+    Column("runner_id", String(64), nullable=True),
+    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
+    Index("ix_batches_user_created", "user", "created_at"),
+    Index("ix_batches_status", "status"),
+)
+
+batch_items = Table(
+    "batch_items",
+    metadata,
+    Column("batch_id", String(40), nullable=False),
+    Column("line_no", Integer, nullable=False),
+    Column("custom_id", String(256), nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("body", Text, nullable=False),
+    # pending (not answered yet, also while in flight), done (2xx), failed
+    Column("state", String(8), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("status_code", Integer, nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    PrimaryKeyConstraint("batch_id", "line_no", name="pk_batch_items"),
+    Index("ix_batch_items_state", "batch_id", "state", "line_no"),
 )
 
 

@@ -112,14 +112,16 @@ async def test_all_fields_round_trip(engine: Engine) -> None:
                  outcome="client_disconnected", total_ms=12.5, user="u", key_id="key_1",
                  model="m", priority="low", stream=True, prompt_tokens=3,
                  completion_tokens=4, queue_ms=1.0, ttft_ms=2.0, backend="http://b",
-                 client_addr="127.0.0.1", error="e", prompt_text="p", completion_text="c")
+                 client_addr="127.0.0.1", error="e", prompt_text="p", completion_text="c",
+                 batch_id="batch_1")
     await log.record(r)
     await log.close()
     with engine.connect() as conn:
         got = dict(conn.execute(select(usage)).one()._mapping)
     for k in ("request_id", "endpoint", "status", "outcome", "total_ms", "user", "key_id",
               "model", "priority", "stream", "prompt_tokens", "completion_tokens", "queue_ms",
-              "ttft_ms", "backend", "client_addr", "error", "prompt_text", "completion_text"):
+              "ttft_ms", "backend", "client_addr", "error", "prompt_text", "completion_text",
+              "batch_id"):
         assert got[k] == getattr(r, k), k
 
 

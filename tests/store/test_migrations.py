@@ -62,3 +62,36 @@ def test_downgrade_to_base_removes_the_tables(tmp_path: Path) -> None:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+
+
+def test_0002_adds_batch_tables_and_keeps_usage_rows(tmp_path: Path) -> None:
+    """A store made at 0001 with audit rows in it migrates to head: the rows stay, their
+    batch_id is NULL, the batch tables exist; a downgrade to 0001 takes them away again."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    migrate(engine, "0001")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO usage (request_id, ts, endpoint, stream, status, "
+                             "outcome, prompt_tokens, completion_tokens, total_ms) VALUES "
+                             "('r', '2024-01-01 00:00:00', 'e', 0, 200, 'ok', 1, 2, 3.0)")
+    migrate(engine)
+    insp = inspect(engine)
+    assert {"batch_files", "batch_file_chunks", "batches", "batch_items"} <= set(
+        insp.get_table_names())
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT request_id, batch_id FROM usage").all() == [
+            ("r", None)]
+    from alembic import command
+    from alembic.config import Config
+
+    from teamgpu.store.db import MIGRATIONS_DIR
+
+    cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    insp = inspect(engine)
+    assert "batches" not in insp.get_table_names()
+    assert "batch_id" not in {c["name"] for c in insp.get_columns("usage")}
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM usage").scalar_one() == 1
