@@ -8,7 +8,8 @@ Tree::
 
     EngineError
     ├── EngineConfigError   an EngineSpec that cannot be launched (bad extra flags)
-    └── EngineStartError    the engine exited, timed out or was stopped before /health
+    ├── EngineStartError    the engine exited, timed out or was stopped before /health
+    └── EngineControlError  /sleep or /wake_up failed (CUDA sleep mode)
 """
 
 from __future__ import annotations
@@ -42,3 +43,15 @@ class EngineStartError(EngineError):
         super().__init__(full)
         self.returncode = returncode
         self.log_tail = log_tail
+
+
+class EngineControlError(EngineError):
+    """A control call to a running engine (``POST /sleep``, ``POST /wake_up``) failed.
+
+    Attributes:
+        status: the HTTP status the engine answered, or None on a transport error.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
