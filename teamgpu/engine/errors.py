@@ -9,7 +9,10 @@ Tree::
     EngineError
     ├── EngineConfigError   an EngineSpec that cannot be launched (bad extra flags)
     ├── EngineStartError    the engine exited, timed out or was stopped before /health
-    └── EngineControlError  /sleep or /wake_up failed (CUDA sleep mode)
+    ├── EngineControlError  /sleep or /wake_up failed (CUDA sleep mode)
+    └── MemoryPlanError     the model set does not fit in GPU or CPU memory
+
+The CLI prints ``MemoryPlanError`` and exits before any engine starts.
 """
 
 from __future__ import annotations
@@ -55,3 +58,11 @@ class EngineControlError(EngineError):
     def __init__(self, message: str, *, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+class MemoryPlanError(EngineError):
+    """The model set does not fit: the message names each model's share and the total.
+
+    Raised by :func:`teamgpu.engine.memory.plan_memory` before anything starts, so that
+    ``teamgpu up`` can print it and exit instead of letting an engine die of OOM.
+    """
