@@ -8,6 +8,7 @@ Tree::
 
     EngineError
     ├── EngineConfigError   an EngineSpec that cannot be launched (bad extra flags)
+    │   └── ToolParserError      an unknown --tool-call-parser name
     ├── EngineStartError    the engine exited, timed out or was stopped before /health
     ├── EngineControlError  /sleep or /wake_up failed (CUDA sleep mode)
     └── MemoryPlanError     the model set does not fit in GPU or CPU memory
@@ -46,6 +47,14 @@ class EngineStartError(EngineError):
         super().__init__(full)
         self.returncode = returncode
         self.log_tail = log_tail
+
+
+class ToolParserError(EngineConfigError):
+    """A ``--tool-call-parser`` value that vLLM would refuse (not one of its parsers).
+
+    Raised by :func:`teamgpu.engine.tools.decide_tool_calling`; the message lists the
+    parser names vLLM 0.32 registers.
+    """
 
 
 class EngineControlError(EngineError):
