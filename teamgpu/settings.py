@@ -17,10 +17,11 @@ Example ``teamgpu.toml``::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,6 +40,201 @@ def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/teamgpu`` or ``~/.cache/teamgpu`` (engine venv, demo model)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "teamgpu"
+
+
+# --- model set ([[models]] in teamgpu.toml; the Settings field is `models`) -------------
+ModelRole = Literal["chat", "edit", "apply", "autocomplete", "embed", "rerank"]
+MODEL_ROLES: tuple[str, ...] = get_args(ModelRole)
+GENERATING_ROLES: tuple[str, ...] = ("chat", "edit", "apply", "autocomplete")
+
+
+def _default_roles() -> list[ModelRole]:
+    return ["chat"]
+
+"""Roles served by generating text; a model with only embed or rerank is a pooling model."""
+# Set by the model set itself: the memory plan reads the share from the fields, and the
+# fleet sets names, ports and the CPU KV cache.
+MODEL_OWNED_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes",
+                     "--served-model-name", "--model", "--host", "--port")
+
+
+def _backend_urls(urls: list[str]) -> list[str]:
+    """Base URLs without a trailing ``/`` or ``/v1``; only http(s)."""
+    out = []
+    for url in urls:
+        url = url.rstrip("/").removesuffix("/v1")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"backend URL must start with http:// or https://: {url!r}")
+        out.append(url)
+    return out
+
+
+class ModelConfig(BaseModel):
+    """One model of the set, a ``[[models]]`` table in ``teamgpu.toml``::
+
+        [[models]]
+        name = "qwen-coder"
+        model = "/models/Qwen2.5-Coder-7B-Instruct"
+        aliases = ["coder"]
+        roles = ["chat", "edit", "apply"]
+        gpu_memory_utilization = 0.55
+
+        [[models]]
+        name = "minilm"
+        model = "/models/all-MiniLM-L6-v2"
+        roles = ["embed"]
+        on_demand = true
+        idle_ttl_s = 600
+
+    A model with ``model`` gets a local engine (``teamgpu up``); one with only
+    ``backends`` is remote-only and starts nothing; with both, the remote servers serve
+    beside the local engine.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1,
+        description="Served model name: what clients send and /v1/models lists.")
+    model: str | None = Field(
+        default=None,
+        description="Local model folder or model id to start an engine for; "
+                    "unset: remote-only (needs backends).")
+    aliases: list[str] = Field(
+        default_factory=list, description="Extra names clients may use for this model.")
+    roles: list[ModelRole] = Field(
+        default_factory=_default_roles,
+        description="What the model is for: chat, edit, apply, autocomplete, embed, rerank.")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="On a GPU: fraction of its memory this engine may use (vLLM's "
+                    "--gpu-memory-utilization); unset: an equal part of what is left.")
+    kv_cache_gib: int | None = Field(
+        default=None, ge=0,
+        description="On the CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); unset: 1, or 0 "
+                    "for a model with only embed or rerank roles.")
+    engine_args: list[str] = Field(
+        default_factory=list, description="Further vLLM flags for this model's engine.")
+    on_demand: bool = Field(
+        default=False,
+        description="Start the engine on the model's first request, and stop it (on a "
+                    "GPU: put it to sleep) after idle_ttl_s without requests.")
+    idle_ttl_s: float = Field(
+        default=900.0, gt=0,
+        description="Seconds without requests after which an on-demand model is stopped.")
+    backends: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of remote vLLM servers serving this model, without /v1.")
+    tool_call_parser: str = Field(
+        default="auto", min_length=1,
+        description="vLLM tool-call parser: auto (chosen from the chat template), none, or "
+                    "a parser name.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_roles(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("roles"), list):
+            unknown = [r for r in data["roles"] if r not in MODEL_ROLES]
+            if unknown:
+                raise ValueError(
+                    f"model {data.get('name')!r}: unknown role(s) {', '.join(map(repr, unknown))};"
+                    f" roles are {', '.join(MODEL_ROLES)}")
+        return data
+
+    @field_validator("name", "aliases")
+    @classmethod
+    def _plain_names(cls, v: str | list[str]) -> str | list[str]:
+        for name in [v] if isinstance(v, str) else v:
+            if not name or name != name.strip() or any(c.isspace() for c in name):
+                raise ValueError(f"model names may not be empty or contain spaces: {name!r}")
+        return v
+
+    @field_validator("backends")
+    @classmethod
+    def _backend_urls(cls, v: list[str]) -> list[str]:
+        return _backend_urls(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        where = f"model {self.name!r}"
+        if not self.roles:
+            raise ValueError(f"{where}: roles may not be empty")
+        self.roles = list(dict.fromkeys(self.roles))
+        if self.model is None and not self.backends:
+            raise ValueError(f"{where}: give model (a local engine) or backends (remote servers)")
+        if self.model is None and self.on_demand:
+            raise ValueError(f"{where}: on_demand needs a local engine (model); it has only "
+                             "backends")
+        given = {a.split("=", 1)[0].replace("_", "-") for a in self.engine_args
+                 if a.startswith("--")}
+        owned = sorted(given.intersection(MODEL_OWNED_FLAGS))
+        if owned:
+            raise ValueError(
+                f"{where}: engine_args may not set {', '.join(owned)}: use the model's "
+                "gpu_memory_utilization / kv_cache_gib and name, which the memory plan reads")
+        if self.name in self.aliases:
+            raise ValueError(f"{where}: an alias repeats the name")
+        return self
+
+    @property
+    def local(self) -> bool:
+        """Whether ``teamgpu up`` starts an engine for this model."""
+        return self.model is not None
+
+    @property
+    def generates(self) -> bool:
+        """Whether the model generates text (any role but embed and rerank)."""
+        return any(role in GENERATING_ROLES for role in self.roles)
+
+    def names(self) -> list[str]:
+        """The name, then the aliases: every name a client may send for this model."""
+        return [self.name, *self.aliases]
+
+
+def check_model_names(models: Sequence[ModelConfig]) -> None:
+    """Refuse a set where two models, or a model and an alias, share a name.
+
+    Raises:
+        ValueError: naming the clashing name and both models.
+    """
+    owner: dict[str, tuple[str, str]] = {}  # name -> (model, "name" or "alias")
+    for m in models:
+        for name in m.names():
+            kind = "name" if name == m.name else "alias"
+            if name in owner:
+                first, first_kind = owner[name]
+                if kind == first_kind == "name":
+                    raise ValueError(f"two models are named {name!r}; every model name and "
+                                     "alias must be unique")
+                raise ValueError(
+                    f"{name!r} is the {first_kind} of model {first!r} and again the {kind} of "
+                    f"model {m.name!r}; every model name and alias must be unique")
+            owner[name] = (m.name, kind)
+
+
+def models_from_cli(values: Sequence[str], engine_args: Sequence[str] = ()) -> list[ModelConfig]:
+    """ModelConfigs for the repeatable simple form ``--model A --model B``.
+
+    Each value is a local folder or a model id; its name is the last path component
+    (``/models/Qwen2.5-7B/`` and ``Qwen/Qwen2.5-7B`` are both ``Qwen2.5-7B``). A folder
+    holding a sentence-transformers ``modules.json`` is an embeddings model (role
+    ``embed``); any other model gets the generating roles (chat, edit, apply,
+    autocomplete). ``engine_args`` (the ``--engine-arg`` flags) go to every model.
+
+    Raises:
+        ValueError: two values give the same name, or a value is empty.
+    """
+    models = []
+    for value in values:
+        name = Path(value.rstrip("/")).name
+        if not name:
+            raise ValueError(f"--model needs a folder or model id, got {value!r}")
+        embed = (Path(value).expanduser() / "modules.json").is_file()
+        roles: list[ModelRole] = ["embed"] if embed else ["chat", "edit", "apply", "autocomplete"]
+        models.append(ModelConfig(name=name, model=value, roles=roles,
+                                  engine_args=list(engine_args)))
+    check_model_names(models)
+    return models
 
 
 class Settings(BaseSettings):
@@ -129,6 +325,28 @@ class Settings(BaseSettings):
     )
     engine_start_timeout_s: float = Field(
         default=900.0, gt=0, description="Longest wait for vLLM to answer /health at start.")
+
+    # --- model set ---------------------------------------------------------------------
+    models: list[ModelConfig] = Field(
+        default_factory=list,
+        description="The model set, [[models]] tables in teamgpu.toml (see below); "
+                    "when empty, up serves model (or the demo model set).",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_model_names(cls, v: list[ModelConfig]) -> list[ModelConfig]:
+        check_model_names(v)
+        return v
+
+    @model_validator(mode="after")
+    def _aliases_do_not_shadow_models(self) -> Settings:
+        names = {n for m in self.models for n in m.names()}
+        shadowing = sorted(names.intersection(self.model_aliases))
+        if shadowing:
+            raise ValueError(f"model_aliases may not redefine a name of [[models]]: "
+                             f"{', '.join(shadowing)}")
+        return self
 
     # --- scheduler ---------------------------------------------------------------------
     max_inflight_per_backend: int | None = Field(

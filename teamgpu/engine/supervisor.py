@@ -7,7 +7,10 @@ reached over HTTP. :class:`EngineSupervisor` owns that process:
 - :meth:`~EngineSupervisor.start` spawns it and polls ``GET /health`` until it answers
   200, reporting progress through ``on_state``;
 - :meth:`~EngineSupervisor.run` restarts it with exponential backoff whenever it exits;
-- :meth:`~EngineSupervisor.stop` terminates it and everything it spawned.
+- :meth:`~EngineSupervisor.stop` terminates it and everything it spawned;
+- :meth:`~EngineSupervisor.sleep` and :meth:`~EngineSupervisor.wake_up` use vLLM's sleep
+  mode (CUDA only: ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1``, which the
+  fleet sets for on-demand models on a GPU).
 
 No orphans: vLLM's API server forks an engine-core process (which forks workers), so the
 engine is started in a session and process group of its own and the whole group is
@@ -37,7 +40,7 @@ from typing import IO
 
 import httpx
 
-from teamgpu.engine.errors import EngineConfigError, EngineStartError
+from teamgpu.engine.errors import EngineConfigError, EngineControlError, EngineStartError
 
 __all__ = [
     "CPU_DEFAULT_ARGS",
@@ -50,6 +53,7 @@ __all__ = [
     "describe_returncode",
     "engine_arg",
     "free_port",
+    "port_is_free",
 ]
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -121,10 +125,16 @@ class EngineExit:
 
 
 class EngineState(enum.StrEnum):
-    """Where the engine process is in its life."""
+    """Where the engine process is in its life.
+
+    ``sleeping``: the process runs but vLLM's sleep mode (level 1) has moved its weights
+    to host RAM and dropped its KV cache; it answers ``/health`` with 200 yet serves
+    nothing until :meth:`EngineSupervisor.wake_up`.
+    """
 
     STARTING = "starting"
     READY = "ready"
+    SLEEPING = "sleeping"
     RESTARTING = "restarting"
     STOPPED = "stopped"
     FAILED = "failed"
@@ -231,8 +241,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_is_free(port: int) -> bool:
-    """Whether nothing listens on ``port``; TIME_WAIT leftovers do not count."""
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on (or is bound to) 127.0.0.1:``port``; TIME_WAIT
+    leftovers do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # Like the engine's server, so a restart on the same port is not refused.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -469,7 +480,63 @@ class EngineSupervisor:
         if self.state is not EngineState.STOPPED:
             self._set_state(EngineState.STOPPED, "engine stopped")
 
+    async def sleep(self, level: int = 1, timeout_s: float = 120.0) -> None:
+        """Put a ready engine to sleep: ``POST /sleep?level=LEVEL&mode=wait``.
+
+        Level 1 moves the weights to host RAM and drops the KV cache; level 2 drops the
+        weights too. ``mode=wait`` lets requests still running finish first (vLLM 0.32;
+        older versions ignore it). Sleep mode needs ``--enable-sleep-mode`` and
+        ``VLLM_SERVER_DEV_MODE=1`` in the engine's environment, and a CUDA (or ROCm, XPU)
+        device: vLLM's CPU build refuses ``--enable-sleep-mode``.
+
+        Raises:
+            EngineControlError: the engine is not ready, or did not answer 200 (the state
+                stays ``ready``).
+        """
+        if self.state is not EngineState.READY:
+            raise EngineControlError(f"cannot put an engine in state {self.state} to sleep")
+        await self._control(f"/sleep?level={level}&mode=wait", timeout_s)
+        self._set_state(EngineState.SLEEPING,
+                        f"engine asleep (level {level}) on {self.base_url}")
+
+    async def wake_up(self, timeout_s: float = 120.0) -> None:
+        """Wake a sleeping engine: ``POST /wake_up``; ready again when it answers 200.
+
+        Raises:
+            EngineControlError: the engine is not asleep, or did not answer 200 with
+                ``"status": "awake"`` (vLLM 0.32 reports a partial wake-up as
+                ``"sleeping"``).
+        """
+        if self.state is not EngineState.SLEEPING:
+            raise EngineControlError(f"cannot wake an engine in state {self.state}")
+        started = time.monotonic()
+        body = await self._control("/wake_up", timeout_s)
+        if isinstance(body, dict) and body.get("status", "awake") != "awake":
+            raise EngineControlError(f"engine is not fully awake after /wake_up: {body}",
+                                     status=200)
+        self._set_state(EngineState.READY, f"engine awake on {self.base_url} after "
+                        f"{time.monotonic() - started:.1f} s")
+
     # --- internals -----------------------------------------------------------------
+
+    async def _control(self, path: str, timeout_s: float) -> object:
+        """POST ``path`` to the engine; its JSON answer (None if not JSON)."""
+        try:
+            async with httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s,
+                                         trust_env=False) as client:
+                response = await client.post(path)
+        except httpx.HTTPError as exc:
+            raise EngineControlError(
+                f"POST {path} to {self.base_url} failed: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise EngineControlError(
+                f"POST {path} to {self.base_url} answered {response.status_code}: "
+                f"{response.text[:300]}", status=response.status_code)
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
 
     def _set_state(self, state: EngineState, message: str) -> None:
         self.state = state
@@ -480,7 +547,7 @@ class EngineSupervisor:
         """Spawn one engine process and wait for health, reporting as ``state``."""
         command = build_command(self.spec)
         self._set_state(state, f"launching engine on {self.base_url}")
-        if not _port_is_free(self.spec.port):
+        if not port_is_free(self.spec.port):
             raise EngineStartError(f"port {HOST}:{self.spec.port} is already in use")
         self._ready_at = None
         await self._spawn(command)

@@ -7,17 +7,28 @@ The tests copy this file to ``<tmp>/vllm/entrypoints/openai/api_server.py`` and 
 Like vLLM it spawns a child process (vLLM's engine core, named ``VLLM::EngineCore`` as
 vLLM names it) and, on SIGTERM, stops that child and exits. When the child dies on its
 own (``kill -9`` of the engine core), it exits with status 0 a moment later, as vLLM's
-API server does. It serves ``GET /health`` (200, 500 once the child died) and
-``GET /crash`` (answers, then exits with status 3 at once, leaving its child behind, as
-a crash would).
+API server does. It serves ``GET /health`` (200, 500 once the child died),
+``GET /v1/models`` (the served name), ``GET /crash`` (answers, then exits with status 3
+at once, leaving its child behind, as a crash would) and, like vLLM with
+``VLLM_SERVER_DEV_MODE=1``, ``POST /sleep?level=N``, ``POST /wake_up`` and
+``GET /is_sleeping`` (404 without that variable; 400 without ``--enable-sleep-mode``,
+which vLLM needs for sleeping).
+
+Flags besides vLLM's (the fake ignores the rest): ``--fake-delay-s S`` overrides
+FAKE_ENGINE_DELAY_S for one engine of a fleet; ``--fake-control-delay-s S`` makes each
+sleep and wake-up call take S seconds.
 
 Environment:
     FAKE_ENGINE_DIR: folder for records: ``starts`` (one line per launch: pid and
         argv as JSON) and ``child-<pid>`` (the child's pid).
     FAKE_ENGINE_DELAY_S: seconds of "loading" before the port is opened.
     FAKE_ENGINE_FAIL: if set, print it and exit with status 2 before serving; a file
-        ``fail`` in FAKE_ENGINE_DIR does the same (to fail only later launches).
+        ``fail`` in FAKE_ENGINE_DIR does the same (to fail only later launches), and a
+        file ``fail-<served name>`` for one engine of a fleet.
     FAKE_ENGINE_STUBBORN_CHILD: if "1", the child ignores SIGTERM.
+
+Records besides ``starts``: ``control`` gets one JSON line per sleep or wake-up call
+(served name, path, pid).
 """
 
 from __future__ import annotations
@@ -45,15 +56,54 @@ def crash_soon() -> None:
     os._exit(3)
 
 
+class Engine:
+    """What the handler needs to know: the served name, sleep mode, where to record."""
+
+    served = "fake"
+    sleep_mode = False
+    dev_mode = False
+    sleeping = False
+    control_delay_s = 0.0
+    records = Path(".")
+
+
 class Handler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep the engine log to what the tests read
+
     def do_GET(self) -> None:
         if self.path == "/health":
             self._reply(500 if CORE_DEAD.is_set() else 200, b"")
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": Engine.served, "object": "model"}]})
         elif self.path == "/crash":
             self._reply(200, b"crashing")
             threading.Thread(target=crash_soon).start()
+        elif self.path == "/is_sleeping" and Engine.dev_mode:
+            self._json(200, {"is_sleeping": Engine.sleeping})
         else:
             self._reply(404, b"not found")
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path not in ("/sleep", "/wake_up") or not Engine.dev_mode:
+            self._reply(404, b"not found")
+            return
+        if not Engine.sleep_mode:
+            self._json(400, {"error": "sleep mode is not enabled (--enable-sleep-mode)"})
+            return
+        time.sleep(Engine.control_delay_s)
+        with (Engine.records / "control").open("a") as control:
+            control.write(json.dumps({"served": Engine.served, "path": self.path,
+                                      "pid": os.getpid()}) + "\n")
+        Engine.sleeping = path == "/sleep"
+        if Engine.sleeping:
+            self._json(200, {"status": "sleeping", "level": 1})
+        else:
+            self._json(200, {"status": "awake", "tags": None})
+
+    def _json(self, status: int, body: object) -> None:
+        self._reply(status, json.dumps(body).encode())
 
     def _reply(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -66,13 +116,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--served-model-name", default="fake")
+    parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--fake-delay-s", type=float, default=None)
+    parser.add_argument("--fake-control-delay-s", type=float, default=0.0)
     args, _ = parser.parse_known_args()
     records = Path(os.environ["FAKE_ENGINE_DIR"])
+    Engine.served, Engine.sleep_mode, Engine.records = (
+        args.served_model_name, args.enable_sleep_mode, records)
+    Engine.dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+    Engine.control_delay_s = args.fake_control_delay_s
     with (records / "starts").open("a") as starts:
-        starts.write(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:]}) + "\n")
+        starts.write(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:],
+                                 "env": {k: v for k, v in os.environ.items()
+                                         if k.startswith("VLLM_")}}) + "\n")
 
-    fail_file = records / "fail"
-    fail = os.environ.get("FAKE_ENGINE_FAIL") or (fail_file.exists() and fail_file.read_text())
+    fail = os.environ.get("FAKE_ENGINE_FAIL")
+    for fail_file in (records / "fail", records / f"fail-{args.served_model_name}"):
+        if not fail and fail_file.exists():
+            fail = fail_file.read_text()
     if fail:
         print(fail, flush=True)
         sys.exit(2)
@@ -104,7 +166,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     threading.Thread(target=watch_core, daemon=True).start()
 
-    delay_s = float(os.environ.get("FAKE_ENGINE_DELAY_S", "0"))
+    delay_s = (args.fake_delay_s if args.fake_delay_s is not None
+               else float(os.environ.get("FAKE_ENGINE_DELAY_S", "0")))
     deadline = time.monotonic() + delay_s
     while time.monotonic() < deadline:
         print(f"loading weights, {deadline - time.monotonic():.1f} s to go", flush=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import os
 import signal
 import socket
@@ -20,41 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from teamgpu.engine.errors import EngineStartError
+from teamgpu.engine.errors import EngineControlError, EngineStartError
 from teamgpu.engine.supervisor import EngineSpec, EngineState, EngineSupervisor
+from tests.engine.processes import child_of, controls, launches, process_alive, wait_until_dead
 
 SpecFactory = Callable[..., EngineSpec]
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process; zombies count as dead."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-async def wait_until_dead(pids: list[int], timeout_s: float = 5.0) -> list[int]:
-    """The pids still alive after up to ``timeout_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = [pid for pid in pids if process_alive(pid)]
-        if not alive:
-            return []
-        await asyncio.sleep(0.05)
-    return [pid for pid in pids if process_alive(pid)]
-
-
-def launches(records: Path) -> list[dict[str, object]]:
-    path = records / "starts"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def child_of(records: Path, pid: int) -> int:
-    return int((records / f"child-{pid}").read_text())
 
 
 class Recorder:
@@ -284,6 +256,50 @@ async def test_stop_during_start_ends_the_start(
     assert supervisor.state is EngineState.STOPPED
     pid = int(str(launches(records)[0]["pid"]))
     assert await wait_until_dead([pid]) == []
+
+
+def sleepable(spec: EngineSpec, dev_mode: bool = True) -> EngineSpec:
+    """``spec`` with vLLM's sleep mode on, as the fleet launches on-demand models on CUDA."""
+    env = {**spec.env, **({"VLLM_SERVER_DEV_MODE": "1"} if dev_mode else {})}
+    return dataclasses.replace(spec, args=("--enable-sleep-mode",), env=env)
+
+
+async def test_sleep_and_wake_up_keep_the_process_and_change_the_state(
+    make_spec: SpecFactory, records: Path, supervisors: list[EngineSupervisor]
+) -> None:
+    recorder = Recorder()
+    supervisor = EngineSupervisor(sleepable(make_spec()), on_state=recorder)
+    supervisors.append(supervisor)
+    await supervisor.start()
+    pid = supervisor.pid
+
+    await supervisor.sleep()
+    asleep = supervisor.state
+    assert not supervisor.is_ready()
+    await supervisor.wake_up()
+
+    assert asleep is EngineState.SLEEPING
+    assert supervisor.state is EngineState.READY and supervisor.pid == pid
+    assert [c["path"] for c in controls(records)] == ["/sleep?level=1&mode=wait", "/wake_up"]
+    assert recorder.transitions()[-3:] == [EngineState.READY, EngineState.SLEEPING,
+                                           EngineState.READY]
+    assert len(launches(records)) == 1
+
+
+async def test_sleep_needs_a_ready_engine_and_vllm_dev_mode(
+    make_spec: SpecFactory, supervisors: list[EngineSupervisor]
+) -> None:
+    supervisor = EngineSupervisor(sleepable(make_spec(), dev_mode=False))
+    supervisors.append(supervisor)
+    with pytest.raises(EngineControlError, match="state stopped"):
+        await supervisor.sleep()
+    await supervisor.start()
+    with pytest.raises(EngineControlError, match="answered 404") as caught:
+        await supervisor.sleep()
+    assert caught.value.status == 404
+    assert supervisor.state is EngineState.READY  # unchanged: it still serves
+    with pytest.raises(EngineControlError, match="cannot wake"):
+        await supervisor.wake_up()
 
 
 GATEWAY = """
