@@ -71,11 +71,13 @@ def create_app(
             await gw.close()
 
     from teamgpu.api import observability
+    from teamgpu.batch import batch_routes
     from teamgpu.dashboard import routes as dashboard_routes
 
     app = Starlette(
         routes=[
             *(Route(path, fn, methods=methods) for path, fn, methods in routes.ROUTES),
+            *batch_routes(lambda request: request.app.state.gw.batch),
             *observability.starlette_routes(),
             *dashboard_routes.starlette_routes(),
         ],

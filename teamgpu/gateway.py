@@ -21,12 +21,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine
+from starlette.requests import Request
 
+from teamgpu.api.adapters import CHAT, COMPLETIONS, EMBEDDINGS
 from teamgpu.api.adapters.responses import Responses
+from teamgpu.api.batch_executor import PipelineExecutor
 from teamgpu.api.pipeline import Pipeline
 from teamgpu.api.recorder import Recorder
 from teamgpu.auth.authenticator import Authenticator
-from teamgpu.auth.keys import KeyStore
+from teamgpu.auth.keys import KeyStore, Principal
+from teamgpu.batch import BatchRunner, BatchService, FileStore
+from teamgpu.errors import GatewayError
 from teamgpu.limits import (
     AuthFailureThrottle,
     KeyLimits,
@@ -72,6 +77,8 @@ class Gateway:
         usage_totals: all-time usage totals for ``/stats``.
         pipeline: the request path.
         responses: the Responses API's adapter, with the record of stored responses.
+        batch: the Batch API's service (files, batches) over the store.
+        batch_runner: runs the store's batch jobs through the pipeline.
     """
 
     settings: Settings
@@ -91,6 +98,8 @@ class Gateway:
     usage_totals: UsageTotalsCache
     pipeline: Pipeline
     responses: Responses
+    batch: BatchService
+    batch_runner: BatchRunner
 
     @classmethod
     async def open(cls, settings: Settings, *, store: Engine | None = None,
@@ -150,19 +159,43 @@ class Gateway:
         pipeline = Pipeline(settings=s, auth=auth, limits=limits, pool=pool, client=client,
                             admissions=admissions, prompts=PromptCounter(client, pool),
                             recorder=recorder, metrics=metrics)
+        responses = Responses(ResponseStore(store),
+                              store_in_thread=store.url.get_backend_name() != "sqlite")
+        executor = PipelineExecutor(pipeline, {
+            "/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS,
+            "/v1/embeddings": EMBEDDINGS, "/v1/responses": responses}, admissions)
+        runner = BatchRunner(store, executor, keys, s)
+
+        async def authenticate(request: Request) -> Principal:
+            p = await auth.authenticate(request)
+            request.state.principal = p  # for the request's audit row
+            return p
+
+        async def audit_row(request: Request, endpoint: str, status: int,
+                            error: GatewayError | None) -> None:
+            ctx = pipeline.new_ctx(request, endpoint)
+            ctx.principal = getattr(request.state, "principal", None)
+            await recorder.record(ctx, status=status,
+                                   outcome="ok" if error is None else error.outcome,
+                                   error=None if error is None else error.message)
+
+        batch = BatchService(authenticate=authenticate, engine=store, files=FileStore(store),
+                             runner=runner, settings=s, audit=audit_row)
         gw = cls(settings=s, store=store, started_at=datetime.now(UTC), keys=keys, auth=auth,
                  auth_throttle=throttle, limiter=limiter, limits=limits, client=client,
                  pool=pool, admissions=admissions, audit=audit, metrics=metrics,
                  recorder=recorder, usage_totals=UsageTotalsCache(store), pipeline=pipeline,
-                 responses=Responses(ResponseStore(store), store_in_thread=store.url
-                                     .get_backend_name() != "sqlite"))
+                 responses=responses, batch=batch, batch_runner=runner)
         audit.start()
         await admissions.start()
         await pool.start()
+        await runner.start()
         return gw
 
     async def close(self) -> None:
-        """Stop the background work, flush the audit log, close connections."""
+        """Stop the background work (batch jobs first: their items in flight run again on
+        the next start), flush the audit log, close connections."""
+        await self.batch_runner.stop()
         await self.admissions.close()
         await self.pool.close()
         await self.audit.close()

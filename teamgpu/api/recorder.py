@@ -74,5 +74,6 @@ class Recorder:
                 error=error,
                 prompt_text=ctx.prompt_text if self.store_prompts else None,
                 completion_text=completion_text if self.store_prompts else None,
+                batch_id=ctx.batch_id,
             )
         )

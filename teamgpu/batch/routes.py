@@ -71,6 +71,7 @@ class BatchService:
             (None: only the store is written; another gateway's runner picks them up).
         settings: ``batch_max_file_bytes``, ``batch_max_window_h``.
         clock: the time stamped on new objects (default: the runner's clock).
+        audit: writes each request's audit row (the gateway's recorder), or None.
     """
 
     authenticate: Callable[[Request], Awaitable[Principal]]
@@ -79,6 +80,7 @@ class BatchService:
     runner: BatchRunner | None
     settings: Settings
     clock: Clock | None = None
+    audit: Audit | None = None
     store: BatchStore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -94,24 +96,47 @@ class BatchService:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+Audit = Callable[[Request, str, int, GatewayError | None], Awaitable[None]]
+"""``audit(request, endpoint, status, error)``: writes the request's audit row."""
+
+AUDIT_NAMES = {
+    "upload_file": "files.create", "list_files": "files.list",
+    "retrieve_file": "files.retrieve", "delete_file": "files.delete",
+    "file_content": "files.content", "create_batch": "batches.create",
+    "list_batches": "batches.list", "retrieve_batch": "batches.retrieve",
+    "cancel_batch": "batches.cancel",
+}
+"""Each route's endpoint name in the audit log (none of them counts as usage)."""
+
+
 def _rendered(fn: Callable[[BatchService, Request], Awaitable[Response]],
-              svc: BatchService) -> Handler:
+              service: Callable[[Request], BatchService]) -> Handler:
     async def handler(request: Request) -> Response:
+        svc = service(request)
+        error: GatewayError | None = None
         try:
-            return await fn(svc, request)
+            response = await fn(svc, request)
         except GatewayError as exc:
-            return error_response(exc)
+            error = exc
+            response = error_response(exc)
+        if svc.audit is not None:
+            await svc.audit(request, AUDIT_NAMES[fn.__name__], response.status_code, error)
+        return response
 
     handler.__name__ = fn.__name__
     return handler
 
 
-def batch_routes(service: BatchService) -> list[Route]:
-    """The Batch API's routes (``/v1/files...``, ``/v1/batches...``) over ``service``."""
+def batch_routes(service: BatchService | Callable[[Request], BatchService]) -> list[Route]:
+    """The Batch API's routes (``/v1/files...``, ``/v1/batches...``) over ``service``, or
+    over the service ``service(request)`` returns (the app builds its service in its
+    lifespan, after the routes)."""
+    get = service if callable(service) and not isinstance(service, BatchService) \
+        else (lambda _request: service)
 
     def r(path: str, fn: Callable[[BatchService, Request], Awaitable[Response]],
           method: str) -> Route:
-        return Route(path, _rendered(fn, service), methods=[method])
+        return Route(path, _rendered(fn, get), methods=[method])
 
     return [
         r("/v1/files", upload_file, "POST"),

@@ -175,8 +175,11 @@ stored_responses = Table(
 
 
 LISTING_ENDPOINTS = ("models", "responses.retrieve", "responses.delete", "responses.cancel",
-                     "responses.input_items", "tokenize", "detokenize", "messages.count_tokens")
+                     "responses.input_items", "tokenize", "detokenize", "messages.count_tokens",
+                     "files.create", "files.list", "files.retrieve", "files.delete",
+                     "files.content", "batches.create", "batches.list", "batches.retrieve",
+                     "batches.cancel")
 """Endpoints whose rows are kept for the audit trail but are not usage: usage reports,
 ``/stats`` and the dashboard count inference requests (chat, completions, embeddings,
-responses, messages, score, rerank), not model listings, stored-response look-ups or
-tokenizer calls."""
+responses, messages, score, rerank; batch items among them), not model listings,
+stored-response look-ups, tokenizer calls or Batch API bookkeeping (files, batches)."""
