@@ -21,7 +21,7 @@ from teamgpu.scheduler.errors import (
     SchedulerError,
     UserQueueFull,
 )
-from teamgpu.scheduler.fair_queue import FairQueue, QueuedRequest
+from teamgpu.scheduler.fair_queue import FairQueue, QueuedRequest, VirtualCounters
 from teamgpu.scheduler.priority import PriorityClass
 from teamgpu.scheduler.stats import SchedulerStats
 
@@ -41,6 +41,7 @@ __all__ = [
     "SchedulerError",
     "SchedulerStats",
     "UserQueueFull",
+    "VirtualCounters",
     "fetch_engine_load",
     "parse_engine_load",
 ]

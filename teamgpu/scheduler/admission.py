@@ -28,7 +28,7 @@ from typing import Self
 from teamgpu.scheduler.config import FairQueueConfig
 from teamgpu.scheduler.engine_load import EngineLoad
 from teamgpu.scheduler.errors import QueueTimeout
-from teamgpu.scheduler.fair_queue import FairQueue, QueuedRequest
+from teamgpu.scheduler.fair_queue import FairQueue, QueuedRequest, VirtualCounters
 from teamgpu.scheduler.priority import PriorityClass
 from teamgpu.scheduler.stats import SchedulerStats
 
@@ -151,6 +151,8 @@ class Admission:
             decision, so it must be cheap and must not block. While it reports waiting
             requests or a KV cache at ``kv_cache_high_watermark``, only requests
             requested ``high`` are admitted, aged ones held back too.
+        counters: The users' virtual counters, shared with the admission controllers of
+            the other models (one fair share per user across models); default: its own.
 
     Raises:
         SchedulerConfigError: ``capacity`` leaves no slot for low.
@@ -163,9 +165,10 @@ class Admission:
         capacity: int,
         clock: Callable[[], float] = time.monotonic,
         engine_load: Callable[[], EngineLoad | None] | None = None,
+        counters: VirtualCounters | None = None,
     ) -> None:
         self._config = config
-        self._queue = FairQueue(config)
+        self._queue = FairQueue(config, counters)
         self._clock = clock
         self._engine_load = engine_load
         self._in_flight = 0

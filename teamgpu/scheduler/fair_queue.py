@@ -85,6 +85,7 @@ __all__ = [
     "SchedulerError",
     "SchedulerStats",
     "UserQueueFull",
+    "VirtualCounters",
 ]
 
 _CLASSES = tuple(PriorityClass)
@@ -168,13 +169,39 @@ class _Entry:
         self.alive = True
 
 
+class VirtualCounters:
+    """The users' virtual token counters, shared by the fair queues of several models, so
+    that a user's service on any model (tokens of the embeddings model included) counts
+    against one fair share. Counters only grow (charges, lifts), which is what the queues'
+    lazily fixed heap keys rely on, whichever queue changed them.
+    """
+
+    __slots__ = ("_cells",)
+
+    def __init__(self) -> None:
+        self._cells: dict[str, list[float]] = {}
+
+    def cell(self, user: str) -> list[float]:
+        """The user's counter as a one-element list (shared, mutable)."""
+        c = self._cells.get(user)
+        if c is None:
+            c = self._cells[user] = [0.0]
+        return c
+
+    def value(self, user: str) -> float:
+        """The user's counter (0.0 for a user never charged)."""
+        c = self._cells.get(user)
+        return 0.0 if c is None else c[0]
+
+
 class _User:
-    """Per-user state: the virtual counter and the user's waiting requests per bucket."""
+    """Per-user state: the virtual counter (a cell shared with the other models' queues)
+    and the user's waiting requests per bucket."""
 
-    __slots__ = ("at_bucket", "at_class", "counter", "heaps", "queued", "weight")
+    __slots__ = ("at_bucket", "at_class", "cell", "heaps", "queued", "weight")
 
-    def __init__(self, weight: float) -> None:
-        self.counter = 0.0
+    def __init__(self, weight: float, cell: list[float]) -> None:
+        self.cell = cell
         self.weight = weight
         self.queued = 0
         self.at_class = [0] * _N  # live requests per effective class
@@ -182,6 +209,14 @@ class _User:
         # Per bucket, a heap of (seq, entry); items whose entry is dead or has moved to
         # a better effective class are stale and dropped when they surface.
         self.heaps: list[list[tuple[int, _Entry]]] = [[] for _ in range(_N * _N)]
+
+    @property
+    def counter(self) -> float:
+        return self.cell[0]
+
+    @counter.setter
+    def counter(self, value: float) -> None:
+        self.cell[0] = value
 
 
 class FairQueue:
@@ -191,10 +226,14 @@ class FairQueue:
 
     Args:
         config: The settings.
+        counters: The users' virtual counters, shared with the queues of other models
+            (default: this queue's own).
     """
 
-    def __init__(self, config: FairQueueConfig) -> None:
+    def __init__(self, config: FairQueueConfig, counters: VirtualCounters | None = None
+                 ) -> None:
         self._config = config
+        self._counters = counters if counters is not None else VirtualCounters()
         self._aging = config.aging_s < math.inf
         self._entries: dict[str, _Entry] = {}
         self._users: dict[str, _User] = {}
@@ -283,7 +322,7 @@ class FairQueue:
                 retry_after_s=self.retry_after_s(),
             )
         if user is None:
-            user = self._users[req.user] = _User(req.weight)
+            user = self._users[req.user] = _User(req.weight, self._counters.cell(req.user))
         user.weight = req.weight
         req.enqueued_at = self._now
         cls = req.priority
@@ -427,16 +466,15 @@ class FairQueue:
             )
         state = self._users.get(user)
         if state is None:
-            state = self._users[user] = _User(1.0)
+            state = self._users[user] = _User(1.0, self._counters.cell(user))
         cfg = self._config
         state.counter += (
             cfg.input_token_weight * prompt_tokens + cfg.output_token_weight * completion_tokens
         ) / state.weight
 
     def counter(self, user: str) -> float:
-        """A user's virtual token counter (0.0 for an unknown user)."""
-        state = self._users.get(user)
-        return 0.0 if state is None else state.counter
+        """A user's virtual token counter (0.0 for a user never charged)."""
+        return self._counters.value(user)
 
     def effective_priority(self, request_id: str) -> PriorityClass | None:
         """The class a waiting request currently competes in, or None if not waiting."""

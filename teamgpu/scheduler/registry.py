@@ -4,6 +4,9 @@ One :class:`~teamgpu.scheduler.admission.Admission` per served model name; its c
 ``inflight_per_backend`` in-flight slots per up backend serving the model and not draining
 (at least one backend's worth), and its engine load is that of those backends, scraped from each
 backend's ``/metrics`` by an :class:`~teamgpu.scheduler.engine_load.EngineLoadPoller`.
+The controllers share one :class:`~teamgpu.scheduler.fair_queue.VirtualCounters`: a
+user's service on any model counts against one fair share (Sheng et al.'s counters, kept
+per user across models), while each model is admitted against its own engines' slots.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import httpx
 from teamgpu.scheduler.admission import Admission
 from teamgpu.scheduler.config import FairQueueConfig
 from teamgpu.scheduler.engine_load import EngineLoad, EngineLoadPoller
+from teamgpu.scheduler.fair_queue import VirtualCounters
 from teamgpu.scheduler.priority import PriorityClass
 from teamgpu.scheduler.stats import SchedulerStats
 
@@ -62,6 +66,8 @@ class AdmissionRegistry:
         self.config = config
         self.inflight_per_backend = inflight_per_backend
         self.admissions: dict[str, Admission] = {}
+        # one fair share per user across every model: the queues share the counters
+        self.counters = VirtualCounters()
         self._pool = pool
         self._scrape_interval_s = scrape_interval_s
         self._pollers: dict[str, EngineLoadPoller] = {}
@@ -96,7 +102,8 @@ class AdmissionRegistry:
         adm = self.admissions.get(served)
         if adm is None:
             adm = Admission(self.config, capacity=capacity,
-                            engine_load=lambda: self.engine_load(served))
+                            engine_load=lambda: self.engine_load(served),
+                            counters=self.counters)
             self.admissions[served] = adm
         elif adm.capacity != capacity:
             adm.capacity = capacity

@@ -29,6 +29,7 @@ def test_exported_members() -> None:
         "SchedulerError",
         "SchedulerStats",
         "UserQueueFull",
+        "VirtualCounters",
         "fetch_engine_load",
         "parse_engine_load",
     ]

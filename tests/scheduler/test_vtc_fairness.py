@@ -206,3 +206,27 @@ def test_counters_equal_the_service_received() -> None:
     """Everything served is charged, once: prompt at dispatch, output as it streams."""
     r = simulate(vtc_queue(), COST_MIXES["random sizes"], slots=4, steps=3_000)
     assert r.counters == pytest.approx(r.service)
+
+
+def test_one_fair_share_per_user_across_models() -> None:
+    """Two models' queues share the users' counters: while alice and bob both wait for the
+    chat model, tokens alice is served on the embeddings model count against her share
+    there too, so bob goes first; with queues of their own, alice (older) would."""
+    from teamgpu.scheduler import FairQueue, FairQueueConfig, PriorityClass, QueuedRequest
+    from teamgpu.scheduler import VirtualCounters
+
+    cfg = FairQueueConfig(reserved_slots_high=0, reserved_slots_normal=0)
+
+    def first_served(chat: FairQueue, embed: FairQueue) -> str:
+        chat.push(QueuedRequest("a1", "alice", PriorityClass.NORMAL), now=0.0)
+        chat.push(QueuedRequest("b1", "bob", PriorityClass.NORMAL), now=0.1)
+        embed.charge("alice", prompt_tokens=5000)  # meanwhile, on the embeddings model
+        req = chat.pop_next(now=1.0, in_flight=0, capacity=1)
+        assert req is not None
+        return req.user
+
+    counters = VirtualCounters()
+    shared = FairQueue(cfg, counters), FairQueue(cfg, counters)
+    assert first_served(*shared) == "bob"
+    assert shared[0].counter("alice") == counters.value("alice") == 5000.0
+    assert first_served(FairQueue(cfg), FairQueue(cfg)) == "alice"
