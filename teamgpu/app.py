@@ -23,6 +23,7 @@ from teamgpu.api.errors import (
     http_exception_handler,
     unhandled_error_handler,
 )
+from teamgpu.api.pipeline import ModelHost
 from teamgpu.api.request_id import RequestIdMiddleware
 from teamgpu.errors import GatewayError
 from teamgpu.gateway import Gateway
@@ -39,6 +40,9 @@ def create_app(
     gpu: GpuSource | None = None,
     on_open: Callable[[Gateway], Awaitable[None]] | None = None,
     on_close: Callable[[], None] | None = None,
+    host: ModelHost | None = None,
+    model_capacity: dict[str, int] | None = None,
+    declared: dict[str, list[str]] | None = None,
 ) -> Starlette:
     """Build the gateway's ASGI app.
 
@@ -52,6 +56,8 @@ def create_app(
         on_close: called when the app stops, before its services close (``serve`` and
             ``up`` remove their server record: uvicorn re-raises SIGTERM after it stops,
             so code after ``Server.run()`` may never run).
+        host, model_capacity, declared: the engines behind the gateway (``teamgpu up``);
+            see :meth:`teamgpu.gateway.Gateway.open`.
 
     Raises (when the app starts, from its lifespan):
         ConfigError: a configuration the gateway cannot work with.
@@ -59,7 +65,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        gw = await Gateway.open(settings, store=store, gpu=gpu)
+        gw = await Gateway.open(settings, store=store, gpu=gpu, host=host,
+                                model_capacity=model_capacity, declared=declared)
         app.state.gw = gw
         try:
             if on_open is not None:

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from teamgpu.api.adapters import CHAT, COMPLETIONS, EMBEDDINGS
 from teamgpu.api.adapters.responses import Responses
 from teamgpu.api.batch_executor import PipelineExecutor
-from teamgpu.api.pipeline import Pipeline
+from teamgpu.api.pipeline import ModelHost, Pipeline
 from teamgpu.api.recorder import Recorder
 from teamgpu.auth.authenticator import Authenticator
 from teamgpu.auth.keys import KeyStore, Principal
@@ -103,13 +103,22 @@ class Gateway:
 
     @classmethod
     async def open(cls, settings: Settings, *, store: Engine | None = None,
-                   gpu: GpuSource | None = None) -> Gateway:
+                   gpu: GpuSource | None = None, host: ModelHost | None = None,
+                   model_capacity: dict[str, int] | None = None,
+                   declared: dict[str, list[str]] | None = None) -> Gateway:
         """Build and start the gateway's services (inside the event loop that serves it).
 
         Args:
             settings: the effective settings.
             store: an already opened store (default: opened and migrated here).
             gpu: the GPU source of the metrics (default: NVML, 1 s cache).
+            host: the engines behind the gateway (``teamgpu up``), for models that start
+                on demand; None in front of servers that run already (``serve``).
+            model_capacity: in-flight slots per backend of each served model whose engine
+                is known (``up``: its ``--max-num-seqs``); others use
+                ``max_inflight_per_backend``.
+            declared: backend URL -> the model names it serves, known before it answers
+                (``up``'s engines, some of which start on demand).
 
         Raises:
             ConfigError: a setting the gateway cannot work with (see
@@ -118,7 +127,9 @@ class Gateway:
         s = settings
         check_settings(s)
         inflight = s.max_inflight_per_backend or DEFAULT_INFLIGHT
-        fq_config, warnings = scheduler_config(s, inflight)
+        # the reserves must fit the smallest engine (they are one setting for all models)
+        fq_config, warnings = scheduler_config(s, min([inflight, *(model_capacity or {})
+                                                       .values()]))
         for w in warnings:
             log.warning("%s", w)
         if store is None:
@@ -133,8 +144,11 @@ class Gateway:
                                 read_timeout_s=s.read_timeout_s)
         pool = BackendPool(s.backends, client, health_interval_s=s.health_interval_s,
                            aliases=s.model_aliases, routing=s.routing)
+        for url, names in (declared or {}).items():
+            pool.declare(url, names)
         admissions = AdmissionRegistry(fq_config, inflight_per_backend=inflight, pool=pool,
-                                       scrape_interval_s=s.engine_metrics_interval_s)
+                                       scrape_interval_s=s.engine_metrics_interval_s,
+                                       model_capacity=model_capacity)
         metrics = GatewayMetrics(
             queue_depth=admissions.queue_depth,
             inflight=lambda: {b.url: b.in_flight for b in pool.backends},
@@ -158,7 +172,7 @@ class Gateway:
         recorder = Recorder(audit, metrics, store_prompts=s.store_prompts)
         pipeline = Pipeline(settings=s, auth=auth, limits=limits, pool=pool, client=client,
                             admissions=admissions, prompts=PromptCounter(client, pool),
-                            recorder=recorder, metrics=metrics)
+                            recorder=recorder, metrics=metrics, host=host)
         responses = Responses(ResponseStore(store),
                               store_in_thread=store.url.get_backend_name() != "sqlite")
         executor = PipelineExecutor(pipeline, {

@@ -18,6 +18,8 @@ when the stream ends (:meth:`InFlight.hand_to_stream`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from teamgpu.limits import Reservation
 from teamgpu.limits.policy import LimitPolicy
 from teamgpu.scheduler import Lease
@@ -34,6 +36,8 @@ class InFlight:
         limits: the policy the reservation is settled through.
         reservation: the limits reservation taken at admission.
         lease: the scheduler lease.
+        on_finish: called when the claims are given back (the engine host counts the
+            model's requests in flight).
 
     Attributes:
         usage: the usage to settle and charge when the request ends; the pipeline sets
@@ -42,10 +46,13 @@ class InFlight:
     """
 
     __slots__ = ("_backend_held", "_charged_output", "_finished", "_limit_floor", "_limits",
-                 "_reservation", "_settled", "_streaming", "backend", "lease", "usage")
+                 "_on_finish", "_reservation", "_settled", "_streaming", "backend", "lease",
+                 "usage")
 
-    def __init__(self, limits: LimitPolicy, reservation: Reservation, lease: Lease) -> None:
+    def __init__(self, limits: LimitPolicy, reservation: Reservation, lease: Lease, *,
+                 on_finish: Callable[[], None] | None = None) -> None:
         self._limits = limits
+        self._on_finish = on_finish
         self._reservation = reservation
         self.lease = lease
         self.backend: Backend | None = None
@@ -117,4 +124,6 @@ class InFlight:
                           completion_tokens=max(0, self.usage.completion_tokens
                                                 - self._charged_output))
         self.lease.release()
+        if self._on_finish is not None:
+            self._on_finish()
         await self.settle_limits()

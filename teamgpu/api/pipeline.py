@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.requests import Request
@@ -56,11 +56,29 @@ from teamgpu.upstream.sse import SSEParser
 from teamgpu.upstream.tokenize import PromptCounter
 from teamgpu.upstream.usage import EventAccount, Usage
 
-__all__ = ["Pipeline", "request_priority"]
+__all__ = ["ModelHost", "Pipeline", "request_priority"]
 
 log = logging.getLogger("teamgpu.pipeline")
 
 Answer = Response | StreamRelay
+
+
+class ModelHost(Protocol):
+    """The engines behind the gateway, when it runs them (``teamgpu up``;
+    :class:`teamgpu.engine.host.FleetHost`): models may start on demand."""
+
+    async def ensure_ready(self, served: str) -> None:
+        """Return when ``served`` can take a request, starting it if it starts on demand.
+
+        Raises:
+            ServiceUnavailable: 503 with Retry-After, it cannot now.
+        """
+
+    def begin(self, served: str) -> None:
+        """A request of ``served`` was admitted (an engine in use is never stopped)."""
+
+    def end(self, served: str) -> None:
+        """That request ended."""
 
 
 def request_priority(header: str | None, principal: Principal) -> PriorityClass:
@@ -97,6 +115,7 @@ class Pipeline:
         recorder: Recorder,
         metrics: GatewayMetrics,
         send_priority_field: bool = True,
+        host: ModelHost | None = None,
     ) -> None:
         self.settings = settings
         self.auth = auth
@@ -108,6 +127,7 @@ class Pipeline:
         self.recorder = recorder
         self.metrics = metrics
         self.send_priority_field = send_priority_field
+        self.host = host
 
     def new_ctx(self, request: Request, endpoint: str) -> RequestCtx:
         """The context of one request to ``endpoint``: its id (set by the request-id
@@ -188,6 +208,8 @@ class Pipeline:
         served = self.resolve_model(model, principal)
         ctx.model = served
         ctx.model_served = True
+        if self.host is not None:  # a model that starts on demand starts now
+            await guard.run(self.host.ensure_ready(served))
         spec = adapter.read(payload, settings.default_max_tokens)
         ctx.stream = spec.stream
         ctx.priority = priority if priority is not None else request_priority(priority_header,
@@ -233,6 +255,8 @@ class Pipeline:
         ctx.model = model[:256]
         served = self.resolve_model(model, principal)
         ctx.model, ctx.model_served = served, True
+        if self.host is not None:
+            await guard.run(self.host.ensure_ready(served))
         adapter.prepare(payload, adapter.read(payload, self.settings.default_max_tokens),
                         served=served)
         backend = self.pool.pick(served)
@@ -336,7 +360,11 @@ class Pipeline:
             await self.limits.settle(reservation, 0)
             raise
         ctx.queue_ms = lease.wait_s * 1000.0
-        job = InFlight(self.limits, reservation, lease)
+        host = self.host
+        if host is not None:
+            host.begin(served)
+        job = InFlight(self.limits, reservation, lease,
+                       on_finish=None if host is None else lambda: host.end(served))
         try:
             yield job
         except ClientDisconnected:

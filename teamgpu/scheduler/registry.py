@@ -55,14 +55,19 @@ class AdmissionRegistry:
         inflight_per_backend: in-flight slots per backend (vLLM's ``--max-num-seqs``).
         pool: the backends (:class:`teamgpu.upstream.backends.BackendPool`).
         scrape_interval_s: how often each backend's ``/metrics`` is read for its load.
+        model_capacity: in-flight slots per backend of particular models (their engines'
+            ``--max-num-seqs``), instead of ``inflight_per_backend``.
 
     Attributes:
         admissions: served model name -> its admission controller (made on first use).
     """
 
     def __init__(self, config: FairQueueConfig, *, inflight_per_backend: int, pool: _Backends,
-                 scrape_interval_s: float) -> None:
-        config.check_capacity(inflight_per_backend)  # fitted at start-up: never raises here
+                 scrape_interval_s: float, model_capacity: dict[str, int] | None = None
+                 ) -> None:
+        self.model_capacity = dict(model_capacity or {})
+        for n in (inflight_per_backend, *self.model_capacity.values()):
+            config.check_capacity(n)  # fitted at start-up: never raises here
         self.config = config
         self.inflight_per_backend = inflight_per_backend
         self.admissions: dict[str, Admission] = {}
@@ -98,7 +103,7 @@ class AdmissionRegistry:
         the number of up backends serving it."""
         # a draining backend takes no new requests: its slots are not the model's capacity
         n_up = max(1, sum(1 for b in self._pool.candidates(served) if b.up and not b.draining))
-        capacity = self.inflight_per_backend * n_up
+        capacity = self.model_capacity.get(served, self.inflight_per_backend) * n_up
         adm = self.admissions.get(served)
         if adm is None:
             adm = Admission(self.config, capacity=capacity,

@@ -123,6 +123,24 @@ class BackendPool:
                 pass
             self._task = None
 
+    def wake(self) -> None:
+        """Poll every backend now rather than at the next interval."""
+        self._wake.set()
+
+    def declare(self, url: str, names: list[str]) -> Backend:
+        """The backend at ``url``, known to serve ``names`` before it ever answered (an
+        engine of ``teamgpu up`` that starts on demand): the names resolve, so a request
+        for one of them is not a 404 while the engine is stopped. Its first successful
+        poll replaces them with what it really serves."""
+        url = url.rstrip("/")
+        b = next((x for x in self.backends if x.url == url), None)
+        if b is None:
+            b = Backend(url)
+            self.backends.append(b)
+        for n in names:
+            b.models.setdefault(n, {"id": n, "object": "model"})
+        return b
+
     def add(self, url: str) -> Backend:
         b = Backend(url.rstrip("/"))
         self.backends.append(b)
