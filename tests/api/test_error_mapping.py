@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from teamgpu import errors
-from teamgpu.upstream.backend_errors import error_from_backend
 from teamgpu.errors import GatewayError
+from teamgpu.upstream.backend_errors import error_from_backend
 
 KEYS = {"message", "type", "param", "code"}
 NEEDS_RETRY_AFTER = {429, 503}

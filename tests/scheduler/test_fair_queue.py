@@ -336,7 +336,7 @@ def _wait_of_low_request_under_high_flood(aging_s: float, horizon_s: int) -> flo
             aging_s=aging_s,
             reserved_slots_high=0,
             reserved_slots_normal=0,
-            queue_timeout_s={c: math.inf for c in PriorityClass},
+            queue_timeout_s=dict.fromkeys(PriorityClass, math.inf),
         )
     )
     serial = 0

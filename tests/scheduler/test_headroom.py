@@ -27,7 +27,7 @@ from tests.scheduler.reference_queue import ReferenceQueue
 HIGH, NORMAL, LOW = PriorityClass.HIGH, PriorityClass.NORMAL, PriorityClass.LOW
 ConfigFactory = Callable[..., FairQueueConfig]
 MakeRequest = Callable[..., QueuedRequest]
-NO_TIMEOUTS = {c: math.inf for c in PriorityClass}
+NO_TIMEOUTS = dict.fromkeys(PriorityClass, math.inf)
 
 
 def popped_id(q: FairQueue, now: float, in_flight: int, capacity: int,
