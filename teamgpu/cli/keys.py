@@ -41,9 +41,8 @@ def limit_options(fn: Any) -> Any:
                       help="Fair-share weight (default 1).")(fn)
     fn = click.option("--default-priority", type=PRIORITY, default=None,
                       help="Class used when a request sends no X-Priority.")(fn)
-    fn = click.option("--max-priority", type=PRIORITY, default=None,
-                      help="Highest class this key may use (ceiling).")(fn)
-    return fn
+    return click.option("--max-priority", type=PRIORITY, default=None,
+                        help="Highest class this key may use (ceiling).")(fn)
 
 
 def _show_secret(secret: str, p: Principal, as_json: bool, verb: str) -> None:
@@ -119,7 +118,8 @@ def list_(_settings_overrides: dict[str, Any], as_json: bool, show_all: bool) ->
               "created", "expires")
     for k in keys:
         t.add_row(k.key_id, k.user, k.prefix + "…", "admin" if k.is_admin else "user",
-                  k.status(now), f"{k.default_priority.label}≤{k.max_priority.label}", f"{k.weight:g}",
+                  k.status(now), f"{k.default_priority.label}≤{k.max_priority.label}",
+                  f"{k.weight:g}",
                   _lim(k.rpm), _lim(k.tpm), k.created_at.strftime("%Y-%m-%d %H:%M"),
                   k.expires_at.strftime("%Y-%m-%d %H:%M") if k.expires_at else "never")
     Console(width=None if sys.stdout.isatty() else 160).print(t)

@@ -344,7 +344,8 @@ def test_ratelimit_headers_on_every_response(h: Harness) -> None:
         "400 from the engine": post(c, chat(10, status=400)),
         "400 too large": post(c, chat(2000)),
         "404 model": c.post(CHAT_PATH, json={**chat(), "model": "no-such-model"}),
-        "400 bad json": c.post(CHAT_PATH, content=b"{", headers={"content-type": "application/json"}),
+        "400 bad json": c.post(CHAT_PATH, content=b"{",
+                               headers={"content-type": "application/json"}),
     }
     assert [r.status_code for r in answers.values()] == [200, 200, 400, 400, 404, 400]
     while (r := post(c, chat(10))).status_code == 200:

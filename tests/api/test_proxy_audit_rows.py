@@ -77,7 +77,7 @@ def storing(fake_server: ServerThread, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("path, body", [
+@pytest.mark.parametrize(("path", "body"), [
     ("/v1/chat/completions", CHAT),
     ("/v1/completions", {"model": MODEL, "prompt": SECRET_PROMPT}),
 ])
@@ -124,7 +124,8 @@ def test_a_request_cut_by_the_server_stopping_keeps_its_row(
         t.start()
         # the request is at the backend, generating for 10 s
         wait_until(lambda: h.gw.admissions.admissions.get(MODEL) is not None
-                   and h.gw.admissions.admissions[MODEL].in_flight == 1, 5.0, "the request in flight")
+                   and h.gw.admissions.admissions[MODEL].in_flight == 1,
+                   5.0, "the request in flight")
         h.thread.server.should_exit = True  # as on SIGTERM; the client stays connected
         h.thread.thread.join(10)
         assert not h.thread.thread.is_alive()

@@ -99,7 +99,8 @@ def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
 
 def engine_python() -> Path:
     """The engine venv's python; sets the venv up when no usable one is recorded."""
-    for candidate in (os.environ.get("TEAMGPU_ENGINE_PYTHON"), _read(cache_dir() / "engine-python")):
+    for candidate in (os.environ.get("TEAMGPU_ENGINE_PYTHON"),
+                      _read(cache_dir() / "engine-python")):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return Path(run_script("setup-engine.sh"))

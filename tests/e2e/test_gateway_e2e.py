@@ -107,7 +107,8 @@ def test_f5_streamed_completion_usage_equals_non_streamed(
         streamed_id = raw.headers["x-request-id"]
     a = gw.wait_row(plain.headers["x-request-id"])
     b = gw.wait_row(streamed_id)
-    assert (a["prompt_tokens"], a["completion_tokens"]) == (b["prompt_tokens"], b["completion_tokens"])
+    assert ((a["prompt_tokens"], a["completion_tokens"])
+            == (b["prompt_tokens"], b["completion_tokens"]))
     assert a["completion_tokens"] > 0
 
 

@@ -35,8 +35,8 @@ def complete(gw: Harness, model: str, priority: str, max_tokens: int) -> httpx.R
                             "max_tokens": max_tokens, "ignore_eos": True})
 
 
-@pytest.mark.parametrize("priority, served", [("interactive", "high"), ("normal", "normal"),
-                                              ("batch", "low")])
+@pytest.mark.parametrize(("priority", "served"), [("interactive", "high"), ("normal", "normal"),
+                                                  ("batch", "low")])
 def test_vllm_accepts_each_class_priority(gw: Harness, vllm_engine: VllmEngine,
                                           priority: str, served: str) -> None:
     r = complete(gw, vllm_engine.served_model_name, priority, 4)

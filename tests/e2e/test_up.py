@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -90,10 +91,8 @@ def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path:
 
             # The engine dies: clients get 503 with Retry-After, then it comes back.
             for pid in engine_pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(os.getpgid(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             r = wait_until(lambda: (x := c.post("/v1/chat/completions", json=chat)).status_code
                            == 503 and x, 30, "a 503 while the engine is down")
             assert int(r.headers["retry-after"]) >= 1

@@ -222,7 +222,7 @@ def _check_sequence(seed: int, steps: int, tally: _Tally) -> None:
         ref.advance(now)
         requested, effective = ref.queued()
         assert (stats.queued, stats.queued_effective) == (requested, effective)
-        assert {n: c for n, c in stats.user_counters.items()} == ref.counters
+        assert dict(stats.user_counters) == ref.counters
         assert real.next_event_at() == ref.next_event_at()
         assert len(real) == len(ref.waiting)
 
