@@ -75,7 +75,9 @@ def run(cmd: Any, *args: str, ok: bool = True, env: dict[str, str] | None = None
 
 
 def usage_json(data_dir: Path, *args: str) -> list[dict[str, Any]]:
-    return json.loads(run(usage, *args, "--json", "--data-dir", str(data_dir)).output)
+    rows: list[dict[str, Any]] = json.loads(
+        run(usage, *args, "--json", "--data-dir", str(data_dir)).output)
+    return rows
 
 
 # --------------------------------------------------------------------------- usage
