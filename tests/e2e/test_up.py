@@ -18,7 +18,7 @@ import pytest
 from tests.support.fake_backend import free_port
 from tests.support.harness import wait_until
 
-from .conftest import SERVED_MODEL_NAME, VllmEngine
+from .conftest import ENGINE_FIXTURE_S, SERVED_MODEL_NAME, VllmEngine
 
 TEAMGPU = str(Path(sys.executable).parent / "teamgpu")
 
@@ -37,6 +37,9 @@ def _pids_with(text: str) -> list[int]:
     return pids
 
 
+# Its own waits add up to about 940 s at worst (start 300, two restarts 240 each, ...);
+# it takes 4-5 min here. The fixture's bounds come on top when it runs first.
+@pytest.mark.timeout(ENGINE_FIXTURE_S + 1000)
 def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path: Path) -> None:
     port, engine_port = free_port(), free_port()
     env = {**os.environ, "TEAMGPU_ENGINE_PYTHON": os.environ.get("TEAMGPU_ENGINE_PYTHON", ""),
