@@ -394,7 +394,7 @@ def report(args: argparse.Namespace, stack: Stack, results: list[dict[str, Any]]
 
 async def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- once, before anything runs
     cmd = " ".join([".venv/bin/python bench/affinity.py", *sys.argv[1:]])
     modes = args.modes.split(",")
     with tempfile.TemporaryDirectory(prefix="teamgpu-affinity-") as tmp:

@@ -32,8 +32,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from teamgpu.engine.supervisor import EngineSpec, EngineSupervisor, free_port  # noqa: E402
-from teamgpu.settings import default_cache_dir  # noqa: E402
+from teamgpu.engine.supervisor import EngineSpec, EngineSupervisor, free_port
+from teamgpu.settings import default_cache_dir
 
 QUESTION = "What is the capital of France?"
 NAME = "demo"
@@ -109,7 +109,7 @@ async def main() -> None:
     for r in rows:
         for a in r["answers"]:  # type: ignore[attr-defined]
             print(f"  {r['dtype']:>9}: {a!r}")
-    print(f"\n| dtype | start s | 1 client tok/s | TTFT p50 | 8 clients tok/s | TTFT p50 |")
+    print("\n| dtype | start s | 1 client tok/s | TTFT p50 | 8 clients tok/s | TTFT p50 |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         one, eight = r["one"], r["eight"]

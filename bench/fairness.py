@@ -418,7 +418,8 @@ class Prompts:
     async def calibrate(cls, client: httpx.AsyncClient, engine_url: str, seed: int) -> Prompts:
         single = []
         for w in WORDS:
-            r = await client.post(f"{engine_url}/tokenize", json={"model": MODEL, "prompt": " " + w})
+            r = await client.post(f"{engine_url}/tokenize",
+                                  json={"model": MODEL, "prompt": " " + w})
             if r.status_code == 200 and r.json().get("count") == 1:
                 single.append(" " + w)
         if len(single) < 20:
@@ -835,7 +836,7 @@ def plot(args: argparse.Namespace, floods: list[dict[str, Any]],
 
 async def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- once, before anything runs
     only = set(args.only.split(","))
     started = now()
     with tempfile.TemporaryDirectory(prefix="teamgpu-fairness-") as tmp:
@@ -872,7 +873,8 @@ async def run(args: argparse.Namespace) -> int:
         finally:
             await stack.close()
     total = now() - started
-    md += f"\nTotal run time {total:.0f} s. Command: `{' '.join(['bench/fairness.py', *sys.argv[1:]])}`\n"
+    command = " ".join(["bench/fairness.py", *sys.argv[1:]])
+    md += f"\nTotal run time {total:.0f} s. Command: `{command}`\n"
     print("\n" + md)
     (out / "fairness.md").write_text(md)
     blob = {"args": vars(args), "idle": idle,

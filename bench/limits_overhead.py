@@ -2,11 +2,11 @@
 
 Prints a markdown table of per-request latency (p50 / p99 / mean, microseconds) and
 throughput. A request also pays the failed-authentication throttle's check (before its
-key is verified), timed in a row of its own. The key has all four limits set (RPM, TPM, concurrency, daily tokens), high
-enough never to refuse, so every call takes the full admission path; the one key's
-windows fill with every request of the run (thousands of entries: far more than a real
-key holds, so the figures are an upper bound). A "refused" row times the 429 path, which
-walks the window to compute Retry-After.
+key is verified), timed in a row of its own. The key has all four limits set (RPM, TPM,
+concurrency, daily tokens), high enough never to refuse, so every call takes the full
+admission path; the one key's windows fill with every request of the run (thousands of
+entries: far more than a real key holds, so the figures are an upper bound). A "refused"
+row times the 429 path, which walks the window to compute Retry-After.
 
 Usage::
 
@@ -123,7 +123,8 @@ async def main(url: str, n: int, width: int) -> None:
     rows.append(
         ("in process", "of which reserve (before the request)", split["reserve"][-n:], None)
     )
-    rows.append(("in process", "of which settle (at the end of the answer)", split["settle"][-n:], None))
+    rows.append(("in process", "of which settle (at the end of the answer)",
+                 split["settle"][-n:], None))
     lat, wall = await _concurrent(_reserve_settle(mem, "k2"), n, width)
     rows.append(("in process", f"reserve + settle, {width} at once", lat, n / wall))
     lat = await _sequential(_throttle_check(MemoryAuthFailureThrottle()), n, 200)
@@ -137,8 +138,10 @@ async def main(url: str, n: int, width: int) -> None:
         split = {"reserve": [], "settle": []}
         lat = await _sequential(_reserve_settle(red, "k", split), n, 200)
         rows.append(("Redis", "reserve + settle, one at a time", lat, None))
-        rows.append(("Redis", "of which reserve (before the request)", split["reserve"][-n:], None))
-        rows.append(("Redis", "of which settle (at the end of the answer)", split["settle"][-n:], None))
+        rows.append(("Redis", "of which reserve (before the request)",
+                     split["reserve"][-n:], None))
+        rows.append(("Redis", "of which settle (at the end of the answer)",
+                     split["settle"][-n:], None))
         throttle = RedisAuthFailureThrottle(client, key_prefix=prefix)
         lat = await _sequential(_throttle_check(throttle), n, 200)
         rows.append(("Redis", "auth-failure throttle check (every request)", lat, None))

@@ -230,8 +230,8 @@ def main() -> None:
     print(f"\nGateway overhead at {a.rate:g} requests/s, {a.seconds:g} s per phase "
           f"(fake backend, 4 tokens per answer; {os.cpu_count()} cores shared by all three)")
     print(f"Key limits: {', '.join(limits) or 'none'}; limit state: {setup['limit_state']}\n")
-    print("| requests | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 "
-          "| gateway CPU |")
+    print("| requests | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 "
+          "| added p99 | gateway CPU |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("non-streaming", "streaming"):
         r = results[name]
@@ -241,7 +241,8 @@ def main() -> None:
               f"{r['gateway_cpu_ms_per_request']:.2f} ms/request |")
     m = results["max_rate"]
     print(f"\nHighest rate sustained, 64 concurrent clients, non-streaming: direct "
-          f"{m['direct_rps']:.0f} requests/s, through the gateway {m['gateway_rps']:.0f} requests/s")
+          f"{m['direct_rps']:.0f} requests/s, through the gateway "
+          f"{m['gateway_rps']:.0f} requests/s")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_json(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+def error_json(message: str, type_: str, param: str | None = None,
+               code: str | None = None) -> bytes:
     """OpenAI's error shape, serialised."""
     return orjson.dumps(error_body(message, type_, param, code))

@@ -363,7 +363,8 @@ class Settings(BaseSettings):
     aging_s: float = Field(
         default=30.0, gt=0, description="A waiting request rises one class per aging_s."
     )
-    input_token_weight: float = Field(default=1.0, ge=0, description="VTC weight of a prompt token.")
+    input_token_weight: float = Field(default=1.0, ge=0,
+                                      description="VTC weight of a prompt token.")
     output_token_weight: float = Field(
         default=2.0, ge=0, description="VTC weight of a completion token."
     )

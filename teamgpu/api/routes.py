@@ -117,7 +117,8 @@ async def readyz(request: Request) -> Response:
     backends = [{"url": b.url, "up": b.up, "models": list(b.models), "error": b.last_error}
                 for b in gw.pool.backends]
     if not gw.pool.any_up():
-        exc = ServiceUnavailable("no backend is up", retry_after_s=gw.settings.backend_down_retry_after_s)
+        exc = ServiceUnavailable("no backend is up",
+                                 retry_after_s=gw.settings.backend_down_retry_after_s)
         body = {**exc.body(), "backends": backends}
         return json_response(body, 503, headers=exc.headers)
     return json_response({"status": "ready", "backends": backends})

@@ -403,7 +403,8 @@ def python_snippet(base_url: str, key: str, model: str, ca_cert: Path | None = N
     if ca_cert:
         imports = "import ssl\n\nfrom openai import DefaultHttpxClient, OpenAI"
         client_args += (",\n                http_client=DefaultHttpxClient(\n"
-                        f"                    verify=ssl.create_default_context(cafile={str(ca_cert)!r}))")
+                        "                    verify=ssl.create_default_context("
+                        f"cafile={str(ca_cert)!r}))")
     return (
         f"{imports}\n\n"
         f"client = OpenAI({client_args})\n"

@@ -46,6 +46,7 @@ Exit status: 0 when every check passed or was skipped, 1 otherwise (a WARN count
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import json
@@ -169,10 +170,8 @@ def probe_nvml() -> NvmlReport:
     except pynvml.NVMLError as exc:
         raise NoGpuError(f"NVML: {exc}") from exc
     finally:
-        try:
+        with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
     if not gpus:
         raise NoGpuError(f"driver {driver} lists no GPU")
     return NvmlReport(driver, cuda, tuple(gpus))
@@ -620,7 +619,8 @@ class Doctor:
                          "see the engine log (DATA_DIR/engine.log)")
         if r.status_code != 200:
             return Check(name, Status.FAIL, f"{msg}; the sanity question answered "
-                         f"{r.status_code}: {r.text[:200]}", "see the engine log (DATA_DIR/engine.log)")
+                         f"{r.status_code}: {r.text[:200]}",
+                         "see the engine log (DATA_DIR/engine.log)")
         answer = str((r.json().get("choices") or [{}])[0].get("message", {}).get("content") or "")
         if SANITY_EXPECTED not in answer.lower():
             return Check(name, Status.FAIL,

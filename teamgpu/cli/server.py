@@ -44,9 +44,8 @@ def _server_options(fn: Any) -> Any:
     fn = click.option("--port", type=int, default=None, help="Gateway port (default 8080).")(fn)
     fn = click.option("--max-inflight", "max_inflight", type=click.IntRange(min=1), default=None,
                       help="Requests in the engine at once per backend.")(fn)
-    fn = click.option("--redis-url", default=None,
-                      help="Keep limit state in Redis, shared by gateway replicas.")(fn)
-    return fn
+    return click.option("--redis-url", default=None,
+                        help="Keep limit state in Redis, shared by gateway replicas.")(fn)
 
 
 def _first_run_key(settings: Settings, keys: KeyStore, model: str | None = None) -> None:

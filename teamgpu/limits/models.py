@@ -107,10 +107,8 @@ def format_duration(seconds: float) -> str:
         return f"{ms}ms"
     hours, rest = divmod(ms, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
-    if rest % 1000 == 0:
-        secs = str(rest // 1000)
-    else:
-        secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    secs = (str(rest // 1000) if rest % 1000 == 0
+            else f"{rest / 1000:.3f}".rstrip("0").rstrip("."))
     if hours:
         return f"{hours}h{minutes}m{secs}s"
     if minutes:

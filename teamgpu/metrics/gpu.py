@@ -117,7 +117,7 @@ class NvmlSampler:
         for i in range(count):
             try:
                 handle = nv.nvmlDeviceGetHandleByIndex(i)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 -- that GPU is skipped, the others read
                 self._note(f"NVML handle of GPU {i} failed: {exc!r}")
                 continue
             out.append(self._device(nv, i, handle))

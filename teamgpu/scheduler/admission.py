@@ -239,7 +239,8 @@ class Admission:
                 reported, reported_at = position, self._clock()
                 interval = self._config.position_report_interval_s
                 while not fut.done():
-                    await asyncio.wait((fut,), timeout=max(0.0, reported_at + interval - self._clock()))
+                    await asyncio.wait(
+                        (fut,), timeout=max(0.0, reported_at + interval - self._clock()))
                     if fut.done():
                         break
                     current = self._queue.position(rid, self._clock())

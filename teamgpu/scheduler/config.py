@@ -43,7 +43,8 @@ class FairQueueConfig:
             the smallest; users with smaller counters go first by at most their counter
             gap plus one request's prompt cost each (charged at dispatch); if interactive
             requests alone keep every non-reserved slot busy, ``low`` requests do not
-            start at all (docs/scheduler.md, "Aging and the starvation bound"). Default 30.0 s; > 0; ``math.inf`` disables aging (and the bound).
+            start at all (docs/scheduler.md, "Aging and the starvation bound").
+            Default 30.0 s; > 0; ``math.inf`` disables aging (and the bound).
         max_queued_per_user: Most requests one user may have waiting; one more is
             rejected with ``UserQueueFull`` (429). Default 256; >= 1.
         max_queued_total: Most requests waiting in all; one more is rejected with

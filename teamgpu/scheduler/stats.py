@@ -11,7 +11,7 @@ __all__ = ["SchedulerStats"]
 
 
 def _per_class_zero() -> dict[PriorityClass, int]:
-    return {c: 0 for c in PriorityClass}
+    return dict.fromkeys(PriorityClass, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +42,12 @@ class SchedulerStats:
     queued: dict[PriorityClass, int] = field(default_factory=_per_class_zero)
     queued_effective: dict[PriorityClass, int] = field(default_factory=_per_class_zero)
     oldest_wait_s: dict[PriorityClass, float] = field(
-        default_factory=lambda: {c: 0.0 for c in PriorityClass}
+        default_factory=lambda: dict.fromkeys(PriorityClass, 0.0)
     )
     queued_by_user: dict[str, int] = field(default_factory=dict)
     user_counters: dict[str, float] = field(default_factory=dict)
     recent_waits_s: dict[PriorityClass, tuple[float, ...]] = field(
-        default_factory=lambda: {c: () for c in PriorityClass}
+        default_factory=lambda: dict.fromkeys(PriorityClass, ())
     )
     admitted_total: int = 0
     expired_total: int = 0

@@ -19,6 +19,7 @@ backend that goes down is forgotten by the router: a restarted engine's cache is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -117,10 +118,8 @@ class BackendPool:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     def wake(self) -> None:
@@ -149,10 +148,8 @@ class BackendPool:
 
     async def _run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.health_interval_s)
-            except TimeoutError:
-                pass
             self._wake.clear()
             await self.poll_all()
 

@@ -65,7 +65,7 @@ def test_a_live_backends_500_stays_502(tmp_path: Path,
                                        dying: tuple[FakeBackend, ServerThread]) -> None:
     """A 500 from an engine that still passes its health check is the backend's failure
     of this request (502), and the backend stays up."""
-    fake, server = dying
+    _fake, server = dying
     with start_gateway(tmp_path / "gw", [server.url], health_interval_s=60) as h:
         r = h.client().post("/v1/chat/completions", json={**CHAT, "fake": {"status": 500}})
         assert_openai_error(r, 502, code="backend_error")

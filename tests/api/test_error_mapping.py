@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from teamgpu import errors
-from teamgpu.upstream.backend_errors import error_from_backend
 from teamgpu.errors import GatewayError
+from teamgpu.upstream.backend_errors import error_from_backend
 
 KEYS = {"message", "type", "param", "code"}
 NEEDS_RETRY_AFTER = {429, 503}
@@ -71,9 +71,10 @@ def test_other_4xx_keep_status_message_and_string_code() -> None:
     assert (exc.status, exc.message) == (422, "field required")
 
 
-@pytest.mark.parametrize("status, header, retry", [(503, None, "2"), (503, "9", "9"),
-                                                   (429, None, "1"), (429, "4", "4"),
-                                                   (503, "Wed, 21 Oct 2015 07:28:00 GMT", "2")])
+@pytest.mark.parametrize(("status", "header", "retry"), [(503, None, "2"), (503, "9", "9"),
+                                                         (429, None, "1"), (429, "4", "4"),
+                                                         (503, "Wed, 21 Oct 2015 07:28:00 GMT",
+                                                          "2")])
 def test_429_and_503_carry_an_integer_retry_after(status: int, header: str | None,
                                                    retry: str) -> None:
     exc = error_from_backend(status, b"busy", "http://b", header)

@@ -223,14 +223,14 @@ def test_sequential_requests_never_trip_max_concurrent_1(h: Harness, stream: boo
     assert codes == {200: 100}
 
 
-def test_daily_quota_boundary(h: Harness) -> None:
+def test_daily_quota_boundary(h: Harness, clock: dict[str, float]) -> None:
     per = PROMPT + 10
     secret, p = new_key(h, daily_tokens=3 * per)
     c = h.client(secret)
     for _ in range(3):
         assert post(c, chat(10)).status_code == 200
     r = post(c, chat(10))
-    expected = math.ceil(seconds_to_utc_midnight(time.time()))
+    expected = math.ceil(seconds_to_utc_midnight(clock["t"]))
     assert_limited(r, f"tokens per day (UTC): Limit {3 * per}, Used {3 * per}",
                    (expected - 2, expected + 1))
     assert "resets at 00:00 UTC" in r.json()["error"]["message"]
@@ -344,7 +344,8 @@ def test_ratelimit_headers_on_every_response(h: Harness) -> None:
         "400 from the engine": post(c, chat(10, status=400)),
         "400 too large": post(c, chat(2000)),
         "404 model": c.post(CHAT_PATH, json={**chat(), "model": "no-such-model"}),
-        "400 bad json": c.post(CHAT_PATH, content=b"{", headers={"content-type": "application/json"}),
+        "400 bad json": c.post(CHAT_PATH, content=b"{",
+                               headers={"content-type": "application/json"}),
     }
     assert [r.status_code for r in answers.values()] == [200, 200, 400, 400, 404, 400]
     while (r := post(c, chat(10))).status_code == 200:

@@ -32,9 +32,9 @@ import redis
 
 from teamgpu.auth.keys import KeyStore
 from teamgpu.store.db import open_store
+from tests.api.test_limits_http import PROMPT, chat, post  # one request shape for both
 from tests.support.fake_backend import ServerThread, free_port
 from tests.support.harness import assert_openai_error, start_gateway, wait_until
-from tests.api.test_limits_http import PROMPT, chat, post  # one request shape for both
 
 pytestmark = pytest.mark.services
 

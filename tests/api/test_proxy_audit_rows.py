@@ -33,6 +33,7 @@ def test_row_fields_are_filled(gateway: Harness, client: httpx.Client,
     assert r.status_code == 200
     row = gateway.wait_row(r.headers["x-request-id"])
     key = gateway.gw.keys.verify(gateway.user_key)
+    assert key is not None
     assert row["user"] == "alice" and row["key_id"] == key.key_id
     assert row["endpoint"] == "chat/completions"
     assert row["model"] == MODEL
@@ -77,7 +78,7 @@ def storing(fake_server: ServerThread, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("path, body", [
+@pytest.mark.parametrize(("path", "body"), [
     ("/v1/chat/completions", CHAT),
     ("/v1/completions", {"model": MODEL, "prompt": SECRET_PROMPT}),
 ])
@@ -106,7 +107,8 @@ def test_a_request_cut_by_the_server_stopping_keeps_its_row(
     import threading
 
     with start_gateway(tmp_path / "gw", [fake_server.url]) as h:
-        h.thread.server.config.timeout_graceful_shutdown = 0.5
+        # uvicorn annotates this int, but waits any number of seconds (asyncio.wait_for)
+        h.thread.server.config.timeout_graceful_shutdown = 0.5  # type: ignore[assignment]
         c = h.client(timeout_s=30.0)
         got: dict[str, Any] = {}
 
@@ -124,7 +126,8 @@ def test_a_request_cut_by_the_server_stopping_keeps_its_row(
         t.start()
         # the request is at the backend, generating for 10 s
         wait_until(lambda: h.gw.admissions.admissions.get(MODEL) is not None
-                   and h.gw.admissions.admissions[MODEL].in_flight == 1, 5.0, "the request in flight")
+                   and h.gw.admissions.admissions[MODEL].in_flight == 1,
+                   5.0, "the request in flight")
         h.thread.server.should_exit = True  # as on SIGTERM; the client stays connected
         h.thread.thread.join(10)
         assert not h.thread.thread.is_alive()

@@ -57,7 +57,7 @@ def downed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         yield h
 
 
-@pytest.mark.parametrize("path, body", [
+@pytest.mark.parametrize(("path", "body"), [
     ("/v1/chat/completions", CHAT),
     ("/v1/chat/completions", {**CHAT, "stream": True}),
     ("/v1/completions", {"model": MODEL, "prompt": "x"}),

@@ -31,7 +31,7 @@ def idle(s: Setup) -> bool:
     return s.fake.active == 0 and s.gateway.gw.pool.backends[0].in_flight == 0
 
 
-@pytest.mark.parametrize("path, body", [
+@pytest.mark.parametrize(("path", "body"), [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "write a novel"}]}),
     ("/v1/completions", {"prompt": "Once upon a time"}),
 ])

@@ -93,7 +93,7 @@ def test_stream_true_on_embeddings_is_not_relayed_as_a_stream(client: httpx.Clie
 
 # --- F5 ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, body", [
+@pytest.mark.parametrize(("path", "body"), [
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 16}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "capital of France?"}],
                               "max_tokens": 16}),

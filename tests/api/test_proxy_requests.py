@@ -104,12 +104,14 @@ def test_json_that_is_not_an_object_is_400(client: httpx.Client) -> None:
 
 
 def test_invalid_utf8_is_400(client: httpx.Client) -> None:
-    body = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+    body = (b'{"model": "' + MODEL.encode()
+            + b'", "messages": [{"role": "user", "content": "\xff\xfe"}]}')
     assert_openai_error(client.post("/v1/chat/completions", content=body, headers=JSON), 400)
 
 
 def test_lone_surrogate_escape_is_400(client: httpx.Client) -> None:
-    body = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    body = (b'{"model": "' + MODEL.encode()
+            + b'", "messages": [{"role": "user", "content": "\\ud800"}]}')
     assert_openai_error(client.post("/v1/chat/completions", content=body, headers=JSON), 400)
 
 

@@ -221,7 +221,7 @@ def post(s: Setup, user: str = "alice", priority: str | None = None, *, rid: str
 # ------------------------------------------------------------------ classes and header
 
 
-@pytest.mark.parametrize("header, served, vllm_priority", [
+@pytest.mark.parametrize(("header", "served", "vllm_priority"), [
     ("high", "high", 0), ("interactive", "high", 0), ("normal", "normal", 1),
     ("low", "low", 2), ("batch", "low", 2), ("Batch", "low", 2), ("HIGH", "high", 0),
 ])
@@ -255,7 +255,7 @@ def test_invalid_x_priority_is_a_400_in_openai_shape(main: Setup, header: str) -
     assert row["status"] == 400
 
 
-@pytest.mark.parametrize("user, served, vllm_priority", [
+@pytest.mark.parametrize(("user", "served", "vllm_priority"), [
     ("alice", "normal", 1),   # a key created with the defaults
     ("batchy", "low", 2),     # --default-priority low
     ("eager", "high", 0),     # --default-priority high
@@ -268,7 +268,7 @@ def test_key_default_class_applies_without_header(main: Setup, user: str, served
     assert sent_priority(main.fake, r.headers["x-request-id"]) == vllm_priority
 
 
-@pytest.mark.parametrize("header, served, vllm_priority", [
+@pytest.mark.parametrize(("header", "served", "vllm_priority"), [
     ("high", "normal", 1), ("interactive", "normal", 1), ("normal", "normal", 1),
     ("low", "low", 2),  # below the ceiling: kept
 ])
@@ -455,7 +455,8 @@ def test_client_that_disconnects_while_queued_leaves_the_queue_at_once(
     hs.hold("low", "low")                     # low is full
     rid = f"gone-while-queued-{stream}"
     with main.client("bob", timeout_s=httpx.Timeout(10.0, read=0.5)) as c:
-        with pytest.raises(httpx.ReadTimeout):
+
+        def send() -> None:
             if stream:
                 with c.stream("POST", "/v1/chat/completions", json=body(stream=True),
                               headers={"X-Priority": "low", "X-Request-Id": rid}) as r:
@@ -463,6 +464,9 @@ def test_client_that_disconnects_while_queued_leaves_the_queue_at_once(
             else:
                 c.post("/v1/chat/completions", json=body(),
                        headers={"X-Priority": "low", "X-Request-Id": rid})
+
+        with pytest.raises(httpx.ReadTimeout):
+            send()
         left_at = time.monotonic()
     # it was queued until the client left (the read timeout), then leaves at once
     wait_queue(main, low=0, total=0)

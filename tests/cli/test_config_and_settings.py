@@ -45,11 +45,11 @@ def test_config_file_from_env(clean_env: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_invalid_settings_are_refused(clean_env: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="backend URL must start with http"):
         Settings(backends=["localhost:8000"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="greater than or equal to 1024"):
         Settings(max_body_bytes=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         Settings(no_such_setting=1)  # type: ignore[call-arg]
 
 
@@ -69,7 +69,7 @@ def test_masked_hides_passwords(clean_env: Path) -> None:
     assert s.db_url == PG  # the real value stays usable
 
 
-@pytest.mark.parametrize("url, masked", [
+@pytest.mark.parametrize(("url", "masked"), [
     ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
     ("postgresql://u@h/db", "postgresql://u@h/db"),
     ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),

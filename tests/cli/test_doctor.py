@@ -32,12 +32,12 @@ from teamgpu.cli.doctor import (
     Status,
     _proc_addr,
     doctor,
-    engine_arg,
     estimate_memory,
     listening_addresses,
     probe_nvml,
     read_model_spec,
 )
+from teamgpu.engine.supervisor import engine_arg
 from teamgpu.settings import Settings
 from tests.support.fake_backend import ServerThread, free_port
 from tests.support.harness import Harness, start_gateway
@@ -427,14 +427,15 @@ def test_tls_untrusted(clean_env: Path, tmp_path: Path, ca: CA) -> None:
     crt, key = make_leaf(tmp_path, ca, NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=89))
     c = check_tls(tmp_path, crt, key, None)
     assert c.status is Status.FAIL and "not trusted" in c.message
-    assert "--ca-cert" in c.fix
+    assert c.fix is not None and "--ca-cert" in c.fix
 
 
 def test_tls_caddy_internal_ca_hint(clean_env: Path, tmp_path: Path) -> None:
     caddy = make_ca(tmp_path, "Caddy Local Authority - ECC Intermediate")
     crt, key = make_leaf(tmp_path, caddy, NOW - dt.timedelta(hours=1), NOW + dt.timedelta(hours=11))
     c = check_tls(tmp_path, crt, key, None)
-    assert c.status is Status.FAIL and "pki/authorities/local/root.crt" in c.fix
+    assert c.status is Status.FAIL and c.fix is not None
+    assert "pki/authorities/local/root.crt" in c.fix
     c = check_tls(tmp_path, crt, key, caddy[2])  # trusted: a fresh 12-hour leaf passes
     assert c.status is Status.PASS
 

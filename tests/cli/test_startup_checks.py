@@ -158,7 +158,7 @@ def test_serve_records_where_it_listens_and_doctor_reads_it(clean_env: Path,
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
                    10, "the gateway")
         # no --url: doctor finds the gateway on the recorded port, not the default 8080
-        code, out = invoke(doctor, "--data-dir", str(data), "--skip-gpu", "--json")
+        _code, out = invoke(doctor, "--data-dir", str(data), "--skip-gpu", "--json")
         report = json.loads(out)
         assert report["server"].startswith(f"teamgpu serve (pid {proc.pid}) at "
                                            f"http://127.0.0.1:{port}")

@@ -18,8 +18,6 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, insert, text
 
 from teamgpu.api import observability
-
-top_module = importlib.import_module("teamgpu.cli.top")  # the package exports the command `top`
 from teamgpu.cli.top import top
 from teamgpu.cli.usage import usage
 from teamgpu.dashboard import routes as dashboard_routes
@@ -28,6 +26,8 @@ from teamgpu.store.db import open_store
 from teamgpu.store.tables import usage as usage_table
 from tests.support.fake_backend import MODEL, ServerThread
 from tests.support.harness import Harness, start_gateway
+
+top_module = importlib.import_module("teamgpu.cli.top")  # the package exports the command `top`
 
 NOW = datetime.now(UTC)
 TODAY = datetime(NOW.year, NOW.month, NOW.day, tzinfo=UTC)
@@ -75,7 +75,9 @@ def run(cmd: Any, *args: str, ok: bool = True, env: dict[str, str] | None = None
 
 
 def usage_json(data_dir: Path, *args: str) -> list[dict[str, Any]]:
-    return json.loads(run(usage, *args, "--json", "--data-dir", str(data_dir)).output)
+    rows: list[dict[str, Any]] = json.loads(
+        run(usage, *args, "--json", "--data-dir", str(data_dir)).output)
+    return rows
 
 
 # --------------------------------------------------------------------------- usage
@@ -151,7 +153,7 @@ def test_parse_since_forms() -> None:
     assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
     assert parse_since("2026-11-01T08:00", now) == datetime(2026, 11, 1, 8, tzinfo=UTC)
     assert parse_since("all", now) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot read '7 days' as a time"):
         parse_since("7 days", now)
 
 

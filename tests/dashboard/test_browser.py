@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from teamgpu.metrics import GpuSample
-from teamgpu.scheduler import Admission, FairQueueConfig, QueuedRequest
+from teamgpu.scheduler import Admission, FairQueueConfig, PriorityClass, QueuedRequest
 from tests.support.fake_backend import MODEL, ServerThread
 from tests.support.harness import Harness, wait_until
 
@@ -150,9 +150,11 @@ def test_sign_in_see_stats_revoke_a_key(driver: Any, fake_server: ServerThread,
                             capacity=2)
             h.gw.admissions.admissions.clear()  # the dashboard shows this one's queue
             h.gw.admissions.admissions["queued"] = adm
-            leases = [await adm.acquire(QueuedRequest(f"s{i}", "bob", "low")) for i in range(2)]
-            for rid, user, cls in (("w1", "alice", "high"), ("w2", "bob", "low"),
-                                   ("w3", "bob", "low")):
+            leases = [await adm.acquire(QueuedRequest(f"s{i}", "bob", PriorityClass.LOW))
+                      for i in range(2)]
+            for rid, user, cls in (("w1", "alice", PriorityClass.HIGH),
+                                   ("w2", "bob", PriorityClass.LOW),
+                                   ("w3", "bob", PriorityClass.LOW)):
                 waiting.append(asyncio.ensure_future(adm.acquire(QueuedRequest(rid, user, cls))))
             await asyncio.sleep(0.01)
             return leases

@@ -51,5 +51,5 @@ def test_expired_sessions_are_pruned_on_create() -> None:
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"ttl_s=0, .*must be positive"):
         SessionStore(ttl_s=0)

@@ -73,7 +73,7 @@ def test_runs_as_a_non_root_user() -> None:
 
 
 def test_health_check_and_entrypoint() -> None:
-    final = {ins: rest for ins, rest in stages()[-1]}
+    final = dict(stages()[-1])
     assert "/healthz" in final["HEALTHCHECK"] and "--interval" in final["HEALTHCHECK"]
     assert final["ENTRYPOINT"] == '["teamgpu"]'
     assert final["CMD"].startswith('["serve"')

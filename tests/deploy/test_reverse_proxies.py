@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import OpenAI
+from openai import DefaultHttpxClient, OpenAI
 
 from teamgpu.cli.doctor import Doctor, Status
 from teamgpu.settings import Settings
@@ -200,7 +200,7 @@ def basic(user: str, password: str) -> str:
 
 def test_caddy_streams_events_one_by_one(caddy: Caddy, gw: Harness) -> None:
     client = OpenAI(base_url=caddy.url + "/v1", api_key=gw.user_key, max_retries=0,
-                    http_client=httpx.Client(verify=ca(caddy.root_ca), trust_env=False))
+                    http_client=DefaultHttpxClient(verify=ca(caddy.root_ca), trust_env=False))
     assert_one_by_one(stream_gaps(client))
     r = httpx.post(caddy.url + "/v1/chat/completions", json=chat_body(), verify=ca(caddy.root_ca),
                    headers={"Authorization": f"Bearer {gw.user_key}"}, trust_env=False)
@@ -249,7 +249,7 @@ def test_caddy_basic_auth(caddy_auth: Caddy, gw: Harness) -> None:
     client = OpenAI(base_url=caddy_auth.url + "/v1", api_key=gw.user_key, max_retries=0,
                     default_headers={"Authorization": basic(USER, PASSWORD),
                                      "x-api-key": gw.user_key},
-                    http_client=httpx.Client(verify=verify, trust_env=False))
+                    http_client=DefaultHttpxClient(verify=verify, trust_env=False))
     assert_one_by_one(stream_gaps(client))
 
 
@@ -323,7 +323,7 @@ def test_nginx_streams_events_one_by_one(gw: Harness, tmp_path: Path,
     port = int(gw.url.rsplit(":", 1)[1])
     with run_nginx(tmp_path, port, buffering_default=buffering_default) as n:
         client = OpenAI(base_url=n.url + "/v1", api_key=gw.user_key, max_retries=0,
-                        http_client=httpx.Client(verify=ca(n.cert), trust_env=False))
+                        http_client=DefaultHttpxClient(verify=ca(n.cert), trust_env=False))
         assert_one_by_one(stream_gaps(client))
         r = httpx.post(n.url + "/v1/chat/completions", json=chat_body(), verify=ca(n.cert),
                        headers={"Authorization": f"Bearer {gw.user_key}"}, trust_env=False)
@@ -338,7 +338,7 @@ def test_gap_check_catches_a_buffering_proxy(gw: Harness, tmp_path: Path) -> Non
     port = int(gw.url.rsplit(":", 1)[1])
     with run_nginx(tmp_path, port, force_buffering=True) as n:
         client = OpenAI(base_url=n.url + "/v1", api_key=gw.user_key, max_retries=0,
-                        http_client=httpx.Client(verify=ca(n.cert), trust_env=False))
+                        http_client=DefaultHttpxClient(verify=ca(n.cert), trust_env=False))
         arrivals = stream_gaps(client)
     with pytest.raises(AssertionError):
         assert_one_by_one(arrivals)

@@ -55,15 +55,25 @@ ENGINE_ARGS = ("--enforce-eager", "--max-num-seqs", "16", "--max-model-len", "20
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 20.0
+# pytest-timeout counts a fixture's set-up against the test that first asks for it, and
+# its teardown against the last: whichever e2e test runs first pays for the engine's start
+# (about 35 s here, about 3 min on a fresh machine, bounded by START_TIMEOUT_S; more when
+# the fixture has to run the setup scripts itself). Each e2e test may therefore take the
+# fixture's own bounds plus its own run, so the fixture's clearer error comes first.
+ENGINE_FIXTURE_S = START_TIMEOUT_S + 30 + STOP_TIMEOUT_S + 30
+E2E_TIMEOUT_S = ENGINE_FIXTURE_S + 300
 DEMO_MARKER = ".teamgpu-demo-ok"
 T = TypeVar("T")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test collected from this folder ``e2e``."""
+    """Mark every test collected from this folder ``e2e``, and give it ``E2E_TIMEOUT_S``
+    unless it sets a timeout of its own."""
     for item in items:
         if item.path.is_relative_to(HERE):
             item.add_marker(pytest.mark.e2e)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,8 @@ def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
 
 def engine_python() -> Path:
     """The engine venv's python; sets the venv up when no usable one is recorded."""
-    for candidate in (os.environ.get("TEAMGPU_ENGINE_PYTHON"), _read(cache_dir() / "engine-python")):
+    for candidate in (os.environ.get("TEAMGPU_ENGINE_PYTHON"),
+                      _read(cache_dir() / "engine-python")):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return Path(run_script("setup-engine.sh"))

@@ -47,6 +47,7 @@ def test_chat_answers_paris_and_audit_matches_vllm_usage(
     row = gw.wait_row(raw.headers["x-request-id"])
     assert (row["user"], row["endpoint"], row["status"], row["outcome"]) == (
         "alice", "chat/completions", 200, "ok")
+    assert resp.usage is not None
     assert row["prompt_tokens"] == resp.usage.prompt_tokens > 0
     assert row["completion_tokens"] == resp.usage.completion_tokens > 0
     assert row["prompt_text"] is None
@@ -99,15 +100,17 @@ def test_raw_completion_is_forwarded_as_is(sdk: openai.OpenAI, vllm_engine: Vllm
 def test_f5_streamed_completion_usage_equals_non_streamed(
     sdk: openai.OpenAI, gw: Harness, vllm_engine: VllmEngine
 ) -> None:
-    args = {"model": vllm_engine.served_model_name, "prompt": CHATML_PROMPT, "max_tokens": 16,
-            "temperature": 0}
-    plain = sdk.completions.with_raw_response.create(**args)
-    with sdk.completions.with_streaming_response.create(**args, stream=True) as raw:
+    model = vllm_engine.served_model_name
+    plain = sdk.completions.with_raw_response.create(
+        model=model, prompt=CHATML_PROMPT, max_tokens=16, temperature=0)
+    with sdk.completions.with_streaming_response.create(
+            model=model, prompt=CHATML_PROMPT, max_tokens=16, temperature=0, stream=True) as raw:
         list(raw.parse())
         streamed_id = raw.headers["x-request-id"]
     a = gw.wait_row(plain.headers["x-request-id"])
     b = gw.wait_row(streamed_id)
-    assert (a["prompt_tokens"], a["completion_tokens"]) == (b["prompt_tokens"], b["completion_tokens"])
+    assert ((a["prompt_tokens"], a["completion_tokens"])
+            == (b["prompt_tokens"], b["completion_tokens"]))
     assert a["completion_tokens"] > 0
 
 

@@ -8,17 +8,27 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypedDict
 
 import httpx
 import pytest
 
+from teamgpu.scheduler import PriorityClass
 from tests.support.harness import Harness, start_gateway, wait_until
 
 from .conftest import VllmEngine
 
+
+class SchedulingSettings(TypedDict):
+    max_inflight_per_backend: int
+    reserved_slots_high: int
+    reserved_slots_normal: int
+    aging_s: float
+
+
 # low may start below 4 - 1 - 1 = 2 in flight, normal below 3, high below 4
-SETTINGS = {"max_inflight_per_backend": 4, "reserved_slots_high": 1,
-            "reserved_slots_normal": 1, "aging_s": 3600.0}
+SETTINGS: SchedulingSettings = {"max_inflight_per_backend": 4, "reserved_slots_high": 1,
+                                "reserved_slots_normal": 1, "aging_s": 3600.0}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +45,8 @@ def complete(gw: Harness, model: str, priority: str, max_tokens: int) -> httpx.R
                             "max_tokens": max_tokens, "ignore_eos": True})
 
 
-@pytest.mark.parametrize("priority, served", [("interactive", "high"), ("normal", "normal"),
-                                              ("batch", "low")])
+@pytest.mark.parametrize(("priority", "served"), [("interactive", "high"), ("normal", "normal"),
+                                                  ("batch", "low")])
 def test_vllm_accepts_each_class_priority(gw: Harness, vllm_engine: VllmEngine,
                                           priority: str, served: str) -> None:
     r = complete(gw, vllm_engine.served_model_name, priority, 4)
@@ -61,7 +71,7 @@ def test_interactive_request_skips_a_queued_batch_flood(gw: Harness,
 
     def queued_low() -> int:
         adm = gw.gw.admissions.admissions.get(model)
-        return 0 if adm is None else adm.stats().queued[2]
+        return 0 if adm is None else adm.stats().queued[PriorityClass.LOW]
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         flood = [pool.submit(low, c) for c in clients]

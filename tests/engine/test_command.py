@@ -98,5 +98,6 @@ def test_cpu_runs_eager_unless_told_otherwise(tmp_path: Path) -> None:
     assert "--enforce-eager" in build_command(EngineSpec(**base))
     compiled = build_command(EngineSpec(**base, args=("--no-enforce-eager",)))
     assert "--enforce-eager" not in compiled and "--no-enforce-eager" in compiled
-    assert build_command(EngineSpec(**base, args=("--enforce-eager",))).count("--enforce-eager") == 1
+    eager = build_command(EngineSpec(**base, args=("--enforce-eager",)))
+    assert eager.count("--enforce-eager") == 1
     assert "--enforce-eager" not in build_command(EngineSpec(**base, device="cuda"))

@@ -187,7 +187,7 @@ async def test_backoff_resets_after_a_healthy_stretch(
         await asyncio.sleep(0.6)  # longer than healthy_reset_s
         async with httpx.AsyncClient() as client:
             await client.get(f"{supervisor.base_url}/crash")
-        while supervisor.restarts < restarts or not supervisor.is_ready():
+        while supervisor.restarts < restarts or not supervisor.is_ready():  # noqa: ASYNC110 -- a real process restarts
             await asyncio.sleep(0.02)
     delays = [m for s, m in recorder.events if m.startswith("engine exited")]
     assert [d.rsplit("in ", 1)[1] for d in delays] == ["0.2 s", "0.2 s"]
@@ -208,7 +208,7 @@ async def test_failed_restarts_keep_backing_off_until_one_succeeds(
     (records / "fail").write_text("CUDA out of memory")
     async with httpx.AsyncClient() as client:
         await client.get(f"{supervisor.base_url}/crash")
-    while supervisor.restarts < 3:
+    while supervisor.restarts < 3:  # noqa: ASYNC110 -- a real process restarts
         await asyncio.sleep(0.02)
     (records / "fail").unlink()
     while not supervisor.is_ready():
@@ -248,7 +248,7 @@ async def test_stop_during_start_ends_the_start(
 ) -> None:
     supervisor = EngineSupervisor(make_spec(delay_s="60"))
     starting = asyncio.create_task(supervisor.start())
-    while not launches(records):
+    while not launches(records):  # noqa: ASYNC110 -- the fake engine writes its launch record
         await asyncio.sleep(0.05)
     await supervisor.stop(timeout_s=2.0)
     with pytest.raises(EngineStartError, match="stopped before it was ready"):

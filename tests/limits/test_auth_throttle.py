@@ -103,7 +103,7 @@ async def test_memory_throttle_forgets_old_addresses() -> None:
 
 
 def test_throttle_rejects_a_zero_limit() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_failures_per_minute must be >= 1"):
         MemoryAuthFailureThrottle(0)
 
 

@@ -89,7 +89,7 @@ async def test_estimate_above_tpm_is_a_400_and_takes_nothing(limiter: Limiter) -
 
 
 async def test_negative_estimate_is_a_server_bug(limiter: Limiter) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="est_tokens must be >= 0"):
         await limiter.reserve("k", KeyLimits(), -1, now=T0)
 
 

@@ -100,9 +100,9 @@ def test_key_limits_reject_negative(field: str) -> None:
 
 
 def test_key_limits_reject_non_int() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"KeyLimits\.rpm must be an int"):
         KeyLimits(rpm=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"KeyLimits\.tpm must be an int"):
         KeyLimits(tpm=1.5)  # type: ignore[arg-type]
 
 

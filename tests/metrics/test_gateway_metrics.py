@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TypedDict
 
 import pytest
 
@@ -86,9 +87,15 @@ def test_rate_limited_counts_per_user_and_limit() -> None:
     assert value(t, "teamgpu_rate_limited_total", user="bob", limit="daily_tokens") == 1
 
 
+class GaugeState(TypedDict):
+    depth: dict[str, int]
+    inflight: dict[str, int]
+    up: dict[str, bool]
+
+
 def test_gauges_are_read_at_scrape_time() -> None:
-    state = {"depth": {"high": 1, "low": 7}, "inflight": {"http://a": 3},
-             "up": {"http://a": True, "http://b": False}}
+    state: GaugeState = {"depth": {"high": 1, "low": 7}, "inflight": {"http://a": 3},
+                         "up": {"http://a": True, "http://b": False}}
     m = GatewayMetrics(queue_depth=lambda: state["depth"], inflight=lambda: state["inflight"],
                        backend_up=lambda: state["up"])
     t = text(m)

@@ -50,7 +50,7 @@ def test_readings_and_units_from_nvml() -> None:
 
 def test_bytes_names_of_old_bindings_are_decoded() -> None:
     s = NvmlSampler(nvml=FakeNvml(bytes_names=True)).sample()[0]
-    assert s.name == "NVIDIA L4" and s.uuid.startswith("GPU-")
+    assert s.name == "NVIDIA L4" and s.uuid is not None and s.uuid.startswith("GPU-")
 
 
 def test_an_unsupported_field_is_none_and_the_gpu_is_still_reported() -> None:

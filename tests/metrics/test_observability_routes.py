@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from teamgpu.scheduler import Admission, FairQueueConfig, QueuedRequest
+from teamgpu.scheduler import Admission, FairQueueConfig, PriorityClass, QueuedRequest
 from tests.support.fake_backend import MODEL, ServerThread
 from tests.support.harness import Harness, assert_openai_error, wait_until
 
@@ -77,9 +77,10 @@ def test_queue_depth_while_requests_wait(obs: Harness) -> None:
     async def fill() -> Any:
         adm = Admission(cfg, capacity=1)
         obs.gw.admissions.admissions["queued"] = adm
-        lease = await adm.acquire(QueuedRequest("r0", "alice", "high"))
-        for i, (user, cls) in enumerate([("alice", "high"), ("bob", "low"), ("bob", "low"),
-                                         ("carol", "normal")]):
+        lease = await adm.acquire(QueuedRequest("r0", "alice", PriorityClass.HIGH))
+        for i, (user, cls) in enumerate([("alice", PriorityClass.HIGH), ("bob", PriorityClass.LOW),
+                                         ("bob", PriorityClass.LOW),
+                                         ("carol", PriorityClass.NORMAL)]):
             waiting.append(asyncio.ensure_future(
                 adm.acquire(QueuedRequest(f"r{i + 1}", user, cls))))
         await asyncio.sleep(0.01)
@@ -228,5 +229,6 @@ def test_a_made_up_model_name_never_becomes_a_label(obs: Harness) -> None:
     t = scrape(obs)
     assert not any("attacker" in line for line in t.splitlines()), \
         [line for line in t.splitlines() if "attacker" in line][:3]
-    assert value(t, "teamgpu_requests_total", user="alice", model="unknown",
-                 endpoint="chat/completions", priority="none", status="404") >= 3
+    unknown = value(t, "teamgpu_requests_total", user="alice", model="unknown",
+                    endpoint="chat/completions", priority="none", status="404")
+    assert unknown is not None and unknown >= 3

@@ -18,7 +18,7 @@ def test_nearest_rank() -> None:
     assert nearest_rank(values, 0.5) == 50.0
     assert nearest_rank(values, 0.95) == 95.0
     assert nearest_rank(values, 1.0) == 100.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"q=1\.5: must be in \[0, 1\]"):
         nearest_rank(values, 1.5)
 
 
@@ -87,7 +87,7 @@ def test_invalid_measurements_are_ignored() -> None:
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"window_s=0, .*all must be positive"):
         TtftWindow(window_s=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"history_minutes=0, .*all must be positive"):
         TtftWindow(history_minutes=0)

@@ -44,7 +44,7 @@ def _plain_config(**overrides: object) -> FairQueueConfig:
         "reserved_slots_high": 0,
         "reserved_slots_normal": 0,
         "aging_s": math.inf,
-        "queue_timeout_s": {c: math.inf for c in PriorityClass},
+        "queue_timeout_s": dict.fromkeys(PriorityClass, math.inf),
     }
     values.update(overrides)
     return FairQueueConfig(**values)  # type: ignore[arg-type]

@@ -332,7 +332,7 @@ async def test_lease_charges_tokens_incrementally(
     lease.release()
     lease.charge(completion_tokens=1)  # usage that arrives with the last chunk
     assert counter() == 132
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="completion_tokens=-1: must be >= 0"):
         lease.charge(completion_tokens=-1)
 
 

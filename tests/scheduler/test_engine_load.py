@@ -55,7 +55,7 @@ def test_parse_without_the_gauges_is_none() -> None:
 
 
 def test_parse_rejects_broken_values() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not-a-number"):
         parse_engine_load("vllm:num_requests_waiting{model_name=\"m\"} not-a-number\n")
 
 
@@ -138,5 +138,5 @@ async def test_poller_run_scrapes_every_interval() -> None:
 
 
 def test_poller_rejects_bad_intervals() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"interval_ms=0, .*must be > 0"):
         EngineLoadPoller(httpx.AsyncClient(), URL, interval_ms=0)

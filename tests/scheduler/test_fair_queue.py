@@ -192,7 +192,7 @@ def test_prompt_is_charged_at_dispatch_divided_by_weight(
     assert q.counter("a") == 5.0
     q.charge("a", prompt_tokens=4, completion_tokens=3)
     assert q.counter("a") == 5.0 + (4 + 2 * 3) / 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="completion_tokens=-1: must be >= 0"):
         q.charge("a", completion_tokens=-1)
 
 
@@ -336,7 +336,7 @@ def _wait_of_low_request_under_high_flood(aging_s: float, horizon_s: int) -> flo
             aging_s=aging_s,
             reserved_slots_high=0,
             reserved_slots_normal=0,
-            queue_timeout_s={c: math.inf for c in PriorityClass},
+            queue_timeout_s=dict.fromkeys(PriorityClass, math.inf),
         )
     )
     serial = 0
@@ -536,7 +536,7 @@ def test_duplicate_request_id_is_a_caller_bug(
 ) -> None:
     q = FairQueue(plain_config())
     q.push(make_req("a", request_id="x"), 0.0)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="request_id='x' is already queued") as info:
         q.push(make_req("b", request_id="x"), 0.0)
     assert not isinstance(info.value, SchedulerError)
 

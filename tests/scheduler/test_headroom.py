@@ -27,7 +27,7 @@ from tests.scheduler.reference_queue import ReferenceQueue
 HIGH, NORMAL, LOW = PriorityClass.HIGH, PriorityClass.NORMAL, PriorityClass.LOW
 ConfigFactory = Callable[..., FairQueueConfig]
 MakeRequest = Callable[..., QueuedRequest]
-NO_TIMEOUTS = {c: math.inf for c in PriorityClass}
+NO_TIMEOUTS = dict.fromkeys(PriorityClass, math.inf)
 
 
 def popped_id(q: FairQueue, now: float, in_flight: int, capacity: int,
@@ -222,7 +222,7 @@ def _check_sequence(seed: int, steps: int, tally: _Tally) -> None:
         ref.advance(now)
         requested, effective = ref.queued()
         assert (stats.queued, stats.queued_effective) == (requested, effective)
-        assert {n: c for n, c in stats.user_counters.items()} == ref.counters
+        assert dict(stats.user_counters) == ref.counters
         assert real.next_event_at() == ref.next_event_at()
         assert len(real) == len(ref.waiting)
 

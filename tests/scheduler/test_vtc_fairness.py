@@ -62,7 +62,7 @@ def vtc_queue() -> FairQueue:
             aging_s=math.inf,
             reserved_slots_high=0,
             reserved_slots_normal=0,
-            queue_timeout_s={c: math.inf for c in PriorityClass},
+            queue_timeout_s=dict.fromkeys(PriorityClass, math.inf),
         )
     )
 
@@ -89,11 +89,11 @@ def simulate(
 ) -> Result:
     rng = random.Random(seed)
     users = list(sizes)
-    weights = weights or {u: 1.0 for u in users}
+    weights = weights or dict.fromkeys(users, 1.0)
     serial = itertools.count()
-    waiting = {u: 0 for u in users}
+    waiting = dict.fromkeys(users, 0)
     running: list[list[object]] = []  # [user, tokens left]
-    service = {u: 0.0 for u in users}
+    service = dict.fromkeys(users, 0.0)
     largest = {"cost": 0.0, "prompt": 0.0, "output": 0.0}
     gaps = [0.0]
     lo = hi = window = 0.0

@@ -30,6 +30,7 @@ generations in progress, streamed or not (a disconnect by the gateway shows up a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -75,7 +76,8 @@ class FakeBackend:
             return
         if path == "/v1/models":
             await _json(send, {"object": "list", "data": [{
-                "id": self.model, "object": "model", "owned_by": "vllm", "root": f"/models/{self.model}",
+                "id": self.model, "object": "model", "owned_by": "vllm",
+                "root": f"/models/{self.model}",
                 "max_model_len": self.max_model_len}]})
             return
         if path == "/metrics":
@@ -147,7 +149,8 @@ class FakeBackend:
         if not req.get("stream"):
             if chat:
                 out = {"id": rid, "object": "chat.completion", "created": 0, "model": self.model,
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text * n_tok},
+                       "choices": [{"index": 0,
+                                    "message": {"role": "assistant", "content": text * n_tok},
                                     "finish_reason": "length"}], "usage": usage}
             else:
                 out = {"id": rid, "object": "text_completion", "created": 0, "model": self.model,
@@ -219,10 +222,8 @@ class FakeBackend:
                 if pause_after is not None and i == int(pause_after):
                     wait_s += float(fake.get("pause_s", 1.0))
                 if wait_s:
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(disconnected.wait(), wait_s)
-                    except TimeoutError:
-                        pass
                 if disconnected.is_set():
                     self.aborted += 1
                     return

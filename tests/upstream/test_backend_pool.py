@@ -132,7 +132,7 @@ def test_a_backend_that_goes_down_is_skipped_and_forgotten() -> None:
 class DownClient:
     """An UpstreamClient stand-in whose every request is refused."""
 
-    async def get_text(self, url: str, timeout: float) -> tuple[int, str]:
+    async def get_text(self, url: str, timeout_s: float) -> tuple[int, str]:
         raise ConnectionRefusedError(url)
 
 

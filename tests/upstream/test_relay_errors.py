@@ -28,8 +28,8 @@ def test_vllm_error_event_keeps_its_4xx_status_with_openais_type() -> None:
                                                            "invalid_request_error", "top_p")
 
 
-@pytest.mark.parametrize("code, status", [(404, 404), (422, 422), (500, 502), (503, 502),
-                                          ("oops", 400), (None, 400), (200, 400), (True, 400)])
+@pytest.mark.parametrize(("code", "status"), [(404, 404), (422, 422), (500, 502), (503, 502),
+                                              ("oops", 400), (None, 400), (200, 400), (True, 400)])
 def test_status_from_the_events_code(code: object, status: int) -> None:
     got, out = error_from_stream_start(orjson.dumps({"error": {"message": "m", "code": code}}))
     assert got == status

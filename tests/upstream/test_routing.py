@@ -118,7 +118,8 @@ def test_text_parts_and_cache_control_key_like_plain_text() -> None:
     blocks = {"system": [{"type": "text", "text": system,
                           "cache_control": {"type": "ephemeral"}}],
               "messages": [{"role": "user", "content": [
-                  {"type": "text", "text": "question 0?", "cache_control": {"type": "ephemeral"}}]}]}
+                  {"type": "text", "text": "question 0?",
+                   "cache_control": {"type": "ephemeral"}}]}]}
     no_marker = {"system": system, "messages": [{"role": "user", "content": "question 0?"}]}
     assert key(blocks, "messages") == key(no_marker, "messages")
     assert key(no_marker, "/v1/messages") == key(no_marker, "messages")

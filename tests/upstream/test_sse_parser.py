@@ -128,9 +128,13 @@ def test_an_unterminated_huge_event_raises(monkeypatch: pytest.MonkeyPatch) -> N
 def test_many_lines_without_a_blank_line_raise(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sse, "MAX_EVENT_BYTES", 64)
     p = SSEParser()
-    with pytest.raises(SSEParseError):
+
+    def feed_lines() -> None:
         for _ in range(20):
             p.feed(b"data: xxxxxxxx\n")
+
+    with pytest.raises(SSEParseError):
+        feed_lines()
 
 
 def test_empty_feed() -> None:
