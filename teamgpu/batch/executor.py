@@ -22,7 +22,8 @@ class BatchCall:
     """One item of a batch job, as the pipeline runs it."""
 
     principal: Principal          # the batch owner's key (teamgpu.auth.keys.Principal)
-    endpoint: str                 # "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/responses"
+    # "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/responses"
+    endpoint: str
     body: dict[str, Any]          # the line's "body"
     batch_id: str
     custom_id: str

@@ -43,10 +43,9 @@ def limit_options(fn: Any) -> Any:
                       help="Class used when a request sends no X-Priority.")(fn)
     fn = click.option("--max-priority", type=PRIORITY, default=None,
                       help="Highest class this key may use (ceiling).")(fn)
-    fn = click.option("--models", default=None, metavar="A,B",
-                      help="Models this key may use: served names or aliases, comma-separated "
-                           "(default: all; `keys update --models all` lifts a list).")(fn)
-    return fn
+    return click.option("--models", default=None, metavar="A,B",
+                        help="Models this key may use: served names or aliases, comma-separated "
+                             "(default: all; `keys update --models all` lifts a list).")(fn)
 
 
 def _models(value: str | None) -> list[str] | None:

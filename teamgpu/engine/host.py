@@ -13,6 +13,7 @@ its model names, so the next request starts it instead of getting 404).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -122,10 +123,9 @@ class FleetHost:
 
     def begin(self, served: str) -> None:
         if served in self.fleet.names():
-            try:
+            # stopped meanwhile: the request fails on its own (503)
+            with contextlib.suppress(ModelUnavailableError):
                 self.fleet.begin_request(served)
-            except ModelUnavailableError:
-                pass  # stopped meanwhile: the request fails on its own (503)
 
     def end(self, served: str) -> None:
         if served in self.fleet.names():

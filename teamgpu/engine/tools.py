@@ -26,6 +26,7 @@ The gateway never imports vLLM; this module reads files only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -180,10 +181,8 @@ def read_chat_templates(folder: Path) -> list[str]:
     texts: list[str] = []
     for path in [folder / "chat_template.jinja",
                  *sorted((folder / "additional_chat_templates").glob("*.jinja"))]:
-        try:
+        with contextlib.suppress(OSError):
             texts.append(path.read_text(encoding="utf-8"))
-        except OSError:
-            pass
     for name in ("chat_template.json", "tokenizer_config.json"):
         data = _read_json(folder / name)
         if isinstance(data, dict):

@@ -20,7 +20,7 @@ from teamgpu.store.db import open_store
 from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
 from tests.support.harness import Harness, start_gateway, wait_until
 
-FAST = {"batch_poll_interval_s": 0.1}
+FAST: dict[str, Any] = {"batch_poll_interval_s": 0.1}
 Backend = tuple[FakeBackend, ServerThread]
 
 

@@ -47,7 +47,7 @@ def test_gpu_models_without_a_fraction_share_what_is_left() -> None:
 
 
 def test_gpu_fractions_that_leave_nothing_for_the_others_are_refused() -> None:
-    with pytest.raises(MemoryPlanError, match="nothing is left of 0.90 for b: give them"):
+    with pytest.raises(MemoryPlanError, match=r"nothing is left of 0\.90 for b: give them"):
         plan_memory([m("a", gpu_memory_utilization=0.9), m("b")], "cuda")
 
 

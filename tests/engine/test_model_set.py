@@ -113,7 +113,7 @@ def test_the_simple_form_names_each_model_after_its_last_path_component(
 
 
 def test_the_simple_form_refuses_two_models_with_one_name() -> None:
-    with pytest.raises(ValueError, match="two models are named 'Qwen2.5-7B'"):
+    with pytest.raises(ValueError, match=r"two models are named 'Qwen2\.5-7B'"):
         models_from_cli(["/a/Qwen2.5-7B", "/b/Qwen2.5-7B"])
     with pytest.raises(ValueError, match="folder or model id"):
         models_from_cli(["/"])

@@ -149,7 +149,7 @@ def test_overrides_none_and_a_parser_name(tmp_path: Path) -> None:
 
 
 def test_an_unknown_parser_name_is_refused_listing_vllms() -> None:
-    with pytest.raises(ToolParserError, match="unknown tool-call parser 'hermez'.*hermes"):
+    with pytest.raises(ToolParserError, match=r"unknown tool-call parser 'hermez'.*hermes"):
         decide_tool_calling("m", "hermez")
     plugin = decide_tool_calling("m", "mine", engine_args=["--tool-parser-plugin", "p.py"])
     assert plugin.parser == "mine"

@@ -212,8 +212,13 @@ def test_one_fair_share_per_user_across_models() -> None:
     """Two models' queues share the users' counters: while alice and bob both wait for the
     chat model, tokens alice is served on the embeddings model count against her share
     there too, so bob goes first; with queues of their own, alice (older) would."""
-    from teamgpu.scheduler import FairQueue, FairQueueConfig, PriorityClass, QueuedRequest
-    from teamgpu.scheduler import VirtualCounters
+    from teamgpu.scheduler import (
+        FairQueue,
+        FairQueueConfig,
+        PriorityClass,
+        QueuedRequest,
+        VirtualCounters,
+    )
 
     cfg = FairQueueConfig(reserved_slots_high=0, reserved_slots_normal=0)
 
