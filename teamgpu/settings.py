@@ -309,7 +309,9 @@ class Settings(BaseSettings):
 
     # --- engine (teamgpu up) -----------------------------------------------------------
     model: str | None = Field(
-        default=None, description="Local model folder or model id; default: the demo model."
+        default=None,
+        description="Local model folder or model id; default: the demo model set (chat and "
+                    "embeddings)."
     )
     served_model_name: str | None = Field(
         default=None, description="Name clients use; default: the folder name or model id."
@@ -332,6 +334,10 @@ class Settings(BaseSettings):
         description="The model set, [[models]] tables in teamgpu.toml (see below); "
                     "when empty, up serves model (or the demo model set).",
     )
+
+    model_start_timeout_s: float = Field(
+        default=120.0, gt=0,
+        description="Longest a request waits for an on_demand model to start (then 503).")
 
     @field_validator("models")
     @classmethod

@@ -11,8 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import uvicorn
@@ -23,13 +24,11 @@ from teamgpu.app import create_app
 from teamgpu.auth.keys import KeyStore
 from teamgpu.cli.common import load_settings, settings_options
 from teamgpu.cli.server_record import ServerRecord, gateway_url, remove_record, write_record
-from teamgpu.engine.demo import DEMO_MARKER, DEMO_MODEL_NAME
 from teamgpu.preflight import (
     DEFAULT_INFLIGHT,
     ConfigError,
     check_port_free,
     check_settings,
-    engine_capacity,
     open_store_checked,
     scheduler_config,
 )
@@ -125,7 +124,7 @@ def serve(_settings_overrides: dict[str, Any], backends: tuple[str, ...], host: 
     uvicorn.Server(_uvicorn_config(app, s)).run()
 
 
-def _preflight(s: Settings) -> Engine:
+def _preflight(s: Settings, capacities: list[int] | None = None) -> Engine:
     """Everything ``serve`` and ``up`` refuse before they start anything (see
     :mod:`teamgpu.preflight`); returns the opened store.
 
@@ -134,7 +133,8 @@ def _preflight(s: Settings) -> Engine:
     """
     try:
         check_settings(s)
-        scheduler_config(s, s.max_inflight_per_backend or DEFAULT_INFLIGHT)
+        for capacity in capacities or [s.max_inflight_per_backend or DEFAULT_INFLIGHT]:
+            scheduler_config(s, capacity)
         check_port_free(s.host, s.port)
         return open_store_checked(s)
     except ConfigError as exc:
@@ -165,38 +165,40 @@ def has_cuda_gpu() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
-VLLM_DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default on a GPU when --max-num-seqs is not given
-
-
-def demo_model_dir() -> Path:
-    return default_cache_dir() / "models" / DEMO_MODEL_NAME
-
-
 @click.command("up")
-@click.option("--model", default=None,
-              help="Local model folder or model id (default: the demo model).")
-@click.option("--served-model-name", default=None, help="Name clients use for the model.")
+@click.option("--model", "models", multiple=True,
+              help="A local model folder or model id to serve (repeatable; default: the "
+                   "models of [[models]] in teamgpu.toml, else the demo set: a chat and an "
+                   "embeddings model).")
+@click.option("--served-model-name", default=None,
+              help="Name clients use for the model (with one --model).")
 @click.option("--engine-arg", "engine_args", multiple=True,
-              help="A further flag for vLLM, e.g. --engine-arg=--max-num-seqs=32 (repeatable).")
+              help="A further flag for vLLM, e.g. --engine-arg=--max-num-seqs=32 (repeatable; "
+                   "every engine).")
+@click.option("--tool-call-parser", default=None,
+              help="vLLM's tool-call parser for the chat models: auto (default: from the "
+                   "model's chat template), none, or a parser name.")
 @click.option("--engine-python", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Python of the engine venv (default: the one setup recorded).")
-@click.option("--engine-port", type=int, default=None, help="Private engine port (default: any).")
+@click.option("--engine-port", type=int, default=None,
+              help="Private port of the first model's engine (default: any).")
 @_server_options
 @settings_options
-def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name: str | None,
-       engine_args: tuple[str, ...], engine_python: Path | None, engine_port: int | None,
+def up(_settings_overrides: dict[str, Any], models: tuple[str, ...],
+       served_model_name: str | None, engine_args: tuple[str, ...],
+       tool_call_parser: str | None, engine_python: Path | None, engine_port: int | None,
        host: str | None, port: int | None, max_inflight: int | None,
        redis_url: str | None) -> None:
-    """Start vLLM (supervised, on 127.0.0.1) and the gateway in front of it.
+    """Start vLLM (one supervised engine per model, on 127.0.0.1) and the gateway in front.
 
-    Ctrl-C or SIGTERM stops both. If the engine dies, clients get 503 with Retry-After
-    while it is restarted with backoff.
+    Ctrl-C or SIGTERM stops everything. If an engine dies, its models answer 503 with
+    Retry-After while it is restarted with backoff; the other models keep serving.
     """
-    from teamgpu.engine.demo import demo_engine_args
-    from teamgpu.engine.errors import EngineConfigError
-    from teamgpu.engine.supervisor import EngineSpec, build_command, engine_arg, free_port
+    from teamgpu.engine.errors import EngineError
+    from teamgpu.engine.fleet import EngineFleet
+    from teamgpu.engine.modelset import resolve_model_set
 
-    s = load_settings(**_settings_overrides, model=model, served_model_name=served_model_name,
+    s = load_settings(**_settings_overrides, served_model_name=served_model_name,
                       engine_args=list(engine_args) or None, engine_python=engine_python,
                       engine_port=engine_port, host=host, port=port,
                       max_inflight_per_backend=max_inflight, redis_url=redis_url)
@@ -206,42 +208,34 @@ def up(_settings_overrides: dict[str, Any], model: str | None, served_model_name
         raise click.ClickException(
             "no engine environment found: run scripts/setup-engine.sh (or ./run.sh), "
             "or pass --engine-python")
-    model_path = s.model
-    if model_path is None:
-        d = demo_model_dir()
-        if not (d / DEMO_MARKER).exists():
-            raise click.ClickException(
-                f"the demo model is not prepared at {d}: run scripts/prepare-demo-model.sh "
-                "(or ./run.sh), or pass --model")
-        model_path = str(d)
-    served = s.served_model_name or (
-        DEMO_MODEL_NAME if s.model is None else Path(model_path.rstrip("/")).name)
-    device = "cuda" if has_cuda_gpu() else "cpu"
+    device: Literal["cpu", "cuda"] = "cuda" if has_cuda_gpu() else "cpu"
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    spec = EngineSpec(
-        python=py, model=model_path, served_model_name=served,
-        port=s.engine_port or free_port(),
-        args=demo_engine_args(model_path, device, tuple(s.engine_args)),
-        env={"VLLM_CPU_KVCACHE_SPACE": "1"} if device == "cpu" else {},
-        log_path=s.data_dir / "engine.log", device=device,
-    )
     try:
-        command = build_command(spec)
-        max_num_seqs = engine_capacity(engine_arg(command, "--max-num-seqs"),
-                                       VLLM_DEFAULT_MAX_NUM_SEQS)
-    except EngineConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        mset = resolve_model_set(s, models, served_model_name=s.served_model_name,
+                                 tool_call_parser=tool_call_parser, device=device,
+                                 models_dir=default_cache_dir() / "models")
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    if s.max_inflight_per_backend is None:
-        s.max_inflight_per_backend = max_num_seqs  # admission follows the engine's batch size
-    elif s.max_inflight_per_backend > max_num_seqs:
-        log.warning("--max-inflight %d is above the engine's --max-num-seqs %d: requests past "
-                    "%d wait in vLLM's own queue, where fair share does not apply",
-                    s.max_inflight_per_backend, max_num_seqs, max_num_seqs)
-    store = _preflight(s)
+    for note in mset.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    local = [m for m in mset.models if m.local]
+    if not local:
+        raise click.ClickException("no local model to start: every model of the set is "
+                                   "remote (backends only); use `teamgpu serve` instead")
+    store = _preflight(s, capacities=list(mset.capacity.values()))
+    ports = {local[0].name: s.engine_port} if s.engine_port else {}
+    relay: list[Callable[[str, Any, str], None]] = []  # _up's state callback, once set
     try:
-        code = asyncio.run(_up(s, spec, store))
+        fleet = EngineFleet(mset.models, python=py, device=device, log_dir=s.data_dir,
+                            # stored Responses API objects (teamgpu/store/responses.py)
+                            env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"},
+                            start_timeout_s=s.engine_start_timeout_s, ports=ports,
+                            on_state=lambda n, st, msg: relay[0](n, st, msg) if relay
+                            else None)
+    except (EngineError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        code = asyncio.run(_up(s, fleet, mset, store, relay))
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
@@ -259,17 +253,17 @@ async def _sanity_check(base_url: str, served: str, spec: Any) -> None:
 
     result = await ask_sanity_question(base_url, served)
     if result.ok:
-        console.print(f"sanity check: {SANITY_QUESTION!r} -> {result.answer.strip()!r}",
-                      highlight=False)
+        console.print(f"sanity check: {served}: {SANITY_QUESTION!r} -> "
+                      f"{result.answer.strip()!r}", highlight=False)
         return
     if result.error is not None:
-        console.print(f"[yellow]sanity check skipped:[/] could not ask {SANITY_QUESTION!r}: "
-                      f"{result.error}", highlight=False)
+        console.print(f"[yellow]sanity check skipped:[/] could not ask {served} "
+                      f"{SANITY_QUESTION!r}: {result.error}", highlight=False)
         return
     dtype = engine_arg(spec.args, "--dtype") or "auto"
     console.rule("[bold red]WRONG ANSWER FROM THE MODEL", style="red")
     console.print(
-        f"[bold red]Asked {SANITY_QUESTION!r} (temperature 0), the model answered:[/]\n"
+        f"[bold red]Asked {SANITY_QUESTION!r} (temperature 0), {served} answered:[/]\n"
         f"  {result.answer.strip()[:300]!r}\n"
         f"The engine runs with --dtype {dtype}. A small model on a CPU can answer nonsense "
         "in bf16 (the result depends on the CPU's bf16 kernels): try "
@@ -277,15 +271,18 @@ async def _sanity_check(base_url: str, served: str, spec: Any) -> None:
         highlight=False, soft_wrap=True)
     console.rule(style="red")
     logging.getLogger("teamgpu.engine").warning(
-        "sanity check failed: %r answered %r", SANITY_QUESTION, result.answer[:300])
+        "sanity check failed: %s answered %r to %r", served, result.answer[:300],
+        SANITY_QUESTION)
 
 
-async def _up(s: Settings, spec: Any, store: Engine) -> int:
+async def _up(s: Settings, fleet: Any, mset: Any, store: Engine,
+              relay: list[Callable[[str, Any, str], None]]) -> int:
     from teamgpu.engine.errors import EngineStartError
-    from teamgpu.engine.supervisor import EngineState, EngineSupervisor
+    from teamgpu.engine.host import FleetHost
+    from teamgpu.engine.supervisor import EngineState
 
-    served = spec.served_model_name
-    _first_run_key(s, KeyStore(store), served)
+    chat = next((m.name for m in mset.models if "chat" in m.roles), mset.models[0].name)
+    _first_run_key(s, KeyStore(store), chat)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -300,76 +297,92 @@ async def _up(s: Settings, spec: Any, store: Engine) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
-    status = console.status("starting vLLM…")
+    names = fleet.names()
+    status = console.status(f"starting vLLM ({', '.join(names)})…")
     status.start()
-
-    last_state: list[Any] = [None, 0.0]
     interactive = console.is_terminal
-    gateway: list[Any] = []  # the open Gateway, once the app's lifespan opened it
-
-    def on_state(state: Any, message: str) -> None:
-        name = getattr(state, "value", state)
-        status.update(f"[bold]vLLM[/] {name}: {message}")
-        now = time.monotonic()
-        changed = state != last_state[0]
-        if gateway and state in (EngineState.RESTARTING, EngineState.FAILED):
-            # the engine is gone: answer 503 at once instead of waiting for a health poll
-            pool = gateway[0].pool
-            for b in pool.backends:
-                if b.url == sup.base_url and b.up:
-                    pool.report_failure(b, message)
-        # without a terminal the spinner shows nothing: print a line on every change of
-        # state and every 15 s while it lasts
-        if changed or (not interactive and not gw_started and now - last_state[1] >= 15):
-            last_state[0], last_state[1] = state, now
-            if gw_started:
-                logging.getLogger("teamgpu.engine").log(
-                    logging.INFO if name == "ready" else logging.WARNING,
-                    "engine %s: %s", name, message)
-            elif not interactive:
-                console.print(f"vLLM {name}: {message}", highlight=False)
-
     gw_started = False
-    sup = EngineSupervisor(spec, on_state=on_state, start_timeout_s=s.engine_start_timeout_s)
-    record = ServerRecord(kind="up", pid=os.getpid(), gateway_url=gateway_url(s.host, s.port),
-                          backends=[sup.base_url], engine_url=sup.base_url,
-                          served_model_name=served, model=spec.model,
-                          engine_args=list(spec.args))
+    last: dict[str, tuple[Any, str, float]] = {}
+    hosts: list[FleetHost] = []  # the gateway's view, once the app's lifespan opened it
+    engine_log = logging.getLogger("teamgpu.engine")
 
-    async def on_open(gw: Any) -> None:
-        gateway.append(gw)
-        write_record(s.data_dir, record)
+    def on_state(name: str, state: Any, message: str) -> None:
+        if hosts:
+            hosts[0].on_state(name, state, message)
+        status.update(f"[bold]vLLM {name}[/] {state}: {message}")
+        now = time.monotonic()
+        prev = last.get(name)
+        progress = message.startswith("waiting")  # the supervisor's 0.5 s start progress
+        # every new message but the progress repeats (a crash has two: what died, then
+        # how the API server ended); without a terminal, progress every 15 s
+        if prev is None or prev[0] != state or (not progress and prev[1] != message) or (
+                progress and not interactive and not gw_started and now - prev[2] >= 15):
+            last[name] = (state, message, now)
+            if gw_started:
+                engine_log.log(logging.INFO if state is EngineState.READY else logging.WARNING,
+                               "engine %s %s: %s", name, state, message)
+            elif not interactive:
+                console.print(f"vLLM {name} {state}: {message}", highlight=False)
 
+    relay.append(on_state)
+    record = ServerRecord(
+        kind="up", pid=os.getpid(), gateway_url=gateway_url(s.host, s.port),
+        backends=[fleet.base_url(n) for n in names], engine_url=fleet.base_url(chat)
+        if chat in names else fleet.base_url(names[0]),
+        served_model_name=chat, model=fleet.spec(chat).model if chat in names else None,
+        engine_args=list(fleet.spec(chat).args) if chat in names else [])
     try:
         try:
-            await sup.start()
+            await fleet.start()
         except EngineStartError as exc:
             status.stop()
             console.print(f"[red]vLLM did not start:[/] {exc}")
             return 1
         finally:
             status.stop()
-        console.print(f"vLLM ready on {sup.base_url} (private), model {served!r}; "
-                      f"log: {spec.log_path}")
-        await _sanity_check(sup.base_url, served, spec)
-        s.backends = [sup.base_url]
+        for n in names:
+            st = fleet.state(n)
+            where = fleet.base_url(n)
+            console.print(f"vLLM {n}: {st} on {where} (private); log: {fleet.spec(n).log_path}",
+                          highlight=False)
+        for m in mset.models:
+            if m.local and m.generates and fleet.state(m.name) is EngineState.READY:
+                await _sanity_check(fleet.base_url(m.name), m.name, fleet.spec(m.name))
+        remote = [u for m in mset.models if not m.local for u in m.backends]
+        s.backends = [*(fleet.base_url(n) for n in names), *remote]
+        s.model_aliases = {**s.model_aliases,
+                           **{a: m.name for m in mset.models for a in m.aliases}}
+        s.models = list(mset.models)  # the set served: roles in /v1/models and /stats
+        host = FleetHost(fleet, None, start_timeout_s=s.model_start_timeout_s,
+                         retry_after_s=s.backend_down_retry_after_s, models=s.models)
+
+        async def on_open(gw: Any) -> None:
+            host.pool = gw.pool
+            hosts.append(host)
+            for n in names:  # a model stopped on demand is parked, not down
+                host.on_state(n, fleet.state(n), "at start")
+            write_record(s.data_dir, record)
+
         gw_started = True
-        app = create_app(s, store=store, on_open=on_open,
+        app = create_app(s, store=store, on_open=on_open, host=host,
+                         model_capacity=mset.capacity,
+                         declared={fleet.base_url(n): [n] for n in names},
                          on_close=lambda: remove_record(s.data_dir, record.pid))
         server = uvicorn.Server(_uvicorn_config(app, s))
-        engine_task = asyncio.create_task(sup.run(), name="teamgpu-engine")
-        console.print(f"teamgpu gateway on http://{s.host}:{s.port}  (Ctrl-C stops both)")
+        engines = asyncio.create_task(fleet.run(), name="teamgpu-engines")
+        console.print(f"teamgpu gateway on http://{s.host}:{s.port}  (Ctrl-C stops "
+                      "everything)")
         # uvicorn handles SIGINT/SIGTERM during serve() and re-raises them afterwards;
         # our handler then only records them.
         await server.serve()
-        engine_task.cancel()
+        engines.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await engine_task
+            await engines
         return 0
     except asyncio.CancelledError:
         return 130
     finally:
         remove_record(s.data_dir, record.pid)
         console.print("stopping vLLM…")
-        await asyncio.shield(sup.stop())
+        await asyncio.shield(fleet.stop())
         console.print("stopped.")

@@ -162,6 +162,8 @@ class EngineFleet:
             GPU).
         supervisor_options: further keyword arguments for each EngineSupervisor
             (backoff times, health interval).
+        ports: the private port of particular models' engines (``up --engine-port``);
+            the others get a free one.
 
     Raises:
         MemoryPlanError: the set does not fit (before anything starts).
@@ -186,6 +188,7 @@ class EngineFleet:
         retry_failed_after_s: float = 30.0,
         parallel_start: bool = True,
         supervisor_options: Mapping[str, float] | None = None,
+        ports: Mapping[str, int] | None = None,
     ) -> None:
         self.device: Device = device
         self._on_state = on_state
@@ -222,7 +225,8 @@ class EngineFleet:
             else:
                 engine_env["VLLM_CPU_KVCACHE_SPACE"] = str(share.kv_cache_gib)
             spec = EngineSpec(python=python, model=m.model, served_model_name=m.name,
-                              port=free_port(), args=(*args[m.name], *extra),
+                              port=(ports or {}).get(m.name) or free_port(),
+                              args=(*args[m.name], *extra),
                               env=engine_env, log_path=log_dir / f"engine-{_log_name(m.name)}.log",
                               device=device)
             self._engines[m.name] = _Engine(

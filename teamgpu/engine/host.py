@@ -24,6 +24,7 @@ from teamgpu.engine.errors import ModelStartTimeout, ModelUnavailableError, NoRo
 from teamgpu.engine.fleet import EngineFleet
 from teamgpu.engine.supervisor import EngineState
 from teamgpu.errors import ServiceUnavailable
+from teamgpu.settings import ModelConfig
 from teamgpu.upstream.backends import Backend, BackendPool
 
 __all__ = ["FleetHost", "ModelHost", "ModelStarts"]
@@ -69,17 +70,20 @@ class FleetHost:
 
     Args:
         fleet: the engines.
-        pool: the gateway's backends (one per engine, at its base URL).
+        pool: the gateway's backends (one per engine, at its base URL); None until the
+            gateway is open (states before that move nothing).
         start_timeout_s: the longest a request waits for an on-demand model to start.
         retry_after_s: the ``Retry-After`` of a 503 while a model cannot serve.
         clock: seconds, for the waits reported in ``/stats``.
+        models: the model set (which models start on demand).
     """
 
     fleet: EngineFleet
-    pool: BackendPool
+    pool: BackendPool | None  # the gateway's, once its services are open
     start_timeout_s: float
     retry_after_s: int
     clock: Callable[[], float] = time.monotonic
+    models: list[ModelConfig] = field(default_factory=list)
     starts: dict[str, ModelStarts] = field(default_factory=dict)
 
     def states(self) -> dict[str, str]:
@@ -134,24 +138,32 @@ class FleetHost:
     def on_state(self, name: str, state: EngineState, message: str) -> None:
         """The fleet's state callback: move the model's backend in the pool."""
         b = self._backend(name)
-        if b is None:
+        if b is None or self.pool is None:
             return
         if state is EngineState.READY:
             self.pool.wake()  # a health poll now puts it up
         elif state in (EngineState.RESTARTING, EngineState.FAILED):
             if b.up:
                 self.pool.report_failure(b, message)
-        elif state in (EngineState.STOPPED, EngineState.SLEEPING):
-            b.mark(False, f"{state}: starts on the next request")
+        elif state is EngineState.SLEEPING or (
+                state is EngineState.STOPPED and self._on_demand(name)):
+            b.mark(False, f"{state}: starts on the next request")  # parked, names kept
+        elif state is EngineState.STOPPED:
+            b.mark(False, "engine stopped")
+
+    def _on_demand(self, name: str) -> bool:
+        return any(m.name == name and m.on_demand for m in self.models)
 
     async def _backend_ready(self, served: str, url: str) -> None:
         b = self._backend(served)
-        if b is not None:
+        if b is not None and self.pool is not None:
             if b.url != url:  # started again on another port (its old one was taken)
                 b.url = url
             await self.pool.poll(b)
 
     def _backend(self, name: str) -> Backend | None:
+        if self.pool is None:
+            return None
         try:
             url = self.fleet.base_url(name)
         except ModelUnavailableError:
