@@ -72,7 +72,13 @@ async def stats_snapshot(gw: Gateway, *, now: datetime | None = None) -> dict[st
          "backends": [{"url", "up", "in_flight", "models", "error"}],
          "scheduler": {"admitted_total", "expired_total", "removed_total",
                        "rejected_total", "engine_held", "queue_wait_p50_s",
-                       "queue_wait_p95_s"} | None}
+                       "queue_wait_p95_s"} | None,
+         "models": [{"name", "roles", "state", "backends", "in_flight", "queued",
+                     "capacity", "starts": {"count", "last_wait_s", "waiting"} | None}],
+         "batches": [{"id", "user", "endpoint", "status",
+                      "items": {"total", "queued", "in_flight", "done", "failed"},
+                      "tokens": {...}, "started_at", "finished_at", "eta_s",
+                      "paused_until"}]}   # active jobs, then those ended in the last hour
 
     Args:
         gw: The gateway.
@@ -131,7 +137,36 @@ async def stats_snapshot(gw: Gateway, *, now: datetime | None = None) -> dict[st
         "backends": [{"url": b.url, "up": b.up, "in_flight": b.in_flight,
                       "models": list(b.models), "error": b.last_error} for b in backends],
         "scheduler": _scheduler_json(sched),
+        "models": models_json(gw),
+        "batches": [dict(j) for j in gw.batch_runner.stats()],
     }
+
+
+def models_json(gw: Gateway) -> list[dict[str, Any]]:
+    """Each served model: roles, its engine's state (``up``'s engines: ``starting``,
+    ``ready``, ``sleeping``, ``stopped``, ``restarting``, ``failed``; a model served by
+    other servers: ``ready`` while one of its backends is up, else ``down``), its backends,
+    requests in flight and waiting, and, for one that starts on demand, its starts."""
+    roles = {m.name: list(m.roles) for m in gw.settings.models}
+    host = gw.pipeline.host
+    states = host.states() if host is not None else {}
+    starts = host.starts_json() if host is not None else {}
+    out = []
+    for name in gw.pool.served_names():
+        backends = gw.pool.candidates(name)
+        adm = gw.admissions.admissions.get(name)
+        st = adm.stats() if adm is not None else None
+        out.append({
+            "name": name,
+            "roles": roles.get(name, []),
+            "state": states.get(name) or ("ready" if any(b.up for b in backends) else "down"),
+            "backends": [b.url for b in backends],
+            "in_flight": sum(b.in_flight for b in backends),
+            "queued": sum(st.queued.values()) if st is not None else 0,
+            "capacity": st.capacity if st is not None else None,
+            "starts": starts.get(name),
+        })
+    return out
 
 
 def _read_store(gw: Gateway, midnight: datetime) -> tuple[dict[str, Any], list[Any]]:

@@ -80,6 +80,12 @@ class ModelHost(Protocol):
     def end(self, served: str) -> None:
         """That request ended."""
 
+    def states(self) -> dict[str, str]:
+        """Each of its models' engine state (``ready``, ``stopped``, ...)."""
+
+    def starts_json(self) -> dict[str, dict[str, Any]]:
+        """Per model that starts on demand: ``{"count", "last_wait_s", "waiting"}``."""
+
 
 def request_priority(header: str | None, principal: Principal) -> PriorityClass:
     """The class a request is served at: ``X-Priority`` (or the key's default), capped at

@@ -49,6 +49,7 @@ def _listing(gw: Gateway, principal: Principal) -> list[dict[str, Any]]:
     """The model cards a key may use: served names, then aliases."""
     data: list[dict[str, Any]] = []
     served = gw.pool.served_names()
+    roles_of = {m.name: list(m.roles) for m in gw.settings.models}
     for name in gw.pipeline.names_for(principal):
         if name in served:
             card = dict(gw.pool.card(name))
@@ -57,6 +58,9 @@ def _listing(gw: Gateway, principal: Principal) -> list[dict[str, Any]]:
             card = {**gw.pool.card(target), "id": name, "parent": target}
         card.setdefault("object", "model")
         card.setdefault("owned_by", "teamgpu")
+        roles = roles_of.get(card.get("parent") or name) or roles_of.get(name)
+        if roles:
+            card["teamgpu"] = {"roles": roles}  # teamgpu connect maps client roles by it
         data.append(card)
     return data
 

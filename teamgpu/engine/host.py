@@ -1,9 +1,9 @@
 """The engine fleet as the gateway sees it: models that start on demand, and engine states
 that move the backend pool.
 
-:class:`FleetHost` is what ``teamgpu up`` gives the gateway (:class:`ModelHost`, the
-pipeline's hook). For a request to a model of the fleet, :meth:`FleetHost.ensure_ready`
-starts an on-demand model that is stopped (or asleep) and waits for it, up to
+:class:`FleetHost` is what ``teamgpu up`` gives the gateway (the pipeline's
+:class:`~teamgpu.api.pipeline.ModelHost`). For a request to a model of the fleet,
+:meth:`FleetHost.ensure_ready` starts an on-demand model that is stopped (or asleep) and waits for it, up to
 ``model_start_timeout_s`` (the wait counts in the request's TTFT); a model whose engine
 crashed and restarts answers 503 with ``Retry-After`` at once. :meth:`FleetHost.on_state`
 follows the fleet's engine states: ready puts the model's backend up (a health poll at
@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 from teamgpu.engine.errors import ModelStartTimeout, ModelUnavailableError, NoRoomError
 from teamgpu.engine.fleet import EngineFleet
@@ -27,26 +27,9 @@ from teamgpu.errors import ServiceUnavailable
 from teamgpu.settings import ModelConfig
 from teamgpu.upstream.backends import Backend, BackendPool
 
-__all__ = ["FleetHost", "ModelHost", "ModelStarts"]
+__all__ = ["FleetHost", "ModelStarts"]
 
 log = logging.getLogger("teamgpu.engine.host")
-
-
-class ModelHost(Protocol):
-    """What the pipeline asks of the engines behind the gateway (``teamgpu up``)."""
-
-    async def ensure_ready(self, served: str) -> None:
-        """Return when ``served`` can take a request (starting it if it starts on demand).
-
-        Raises:
-            ServiceUnavailable: 503 with Retry-After, it cannot now.
-        """
-
-    def begin(self, served: str) -> None:
-        """A request of ``served`` was admitted."""
-
-    def end(self, served: str) -> None:
-        """That request ended."""
 
 
 @dataclass
@@ -90,6 +73,11 @@ class FleetHost:
         """Each local model's engine state (``starting``, ``ready``, ``sleeping``,
         ``stopped``, ``restarting``, ``failed``)."""
         return {name: str(state) for name, state in self.fleet.states().items()}
+
+    def starts_json(self) -> dict[str, dict[str, Any]]:
+        """Per model started by requests: ``{"count", "last_wait_s", "waiting"}``."""
+        return {name: {"count": st.count, "last_wait_s": st.last_wait_s,
+                       "waiting": st.waiting} for name, st in self.starts.items()}
 
     async def ensure_ready(self, served: str) -> None:
         if served not in self.fleet.names():
