@@ -3,8 +3,8 @@ that move the backend pool.
 
 :class:`FleetHost` is what ``teamgpu up`` gives the gateway (the pipeline's
 :class:`~teamgpu.api.pipeline.ModelHost`). For a request to a model of the fleet,
-:meth:`FleetHost.ensure_ready` starts an on-demand model that is stopped (or asleep) and waits for it, up to
-``model_start_timeout_s`` (the wait counts in the request's TTFT); a model whose engine
+:meth:`FleetHost.ensure_ready` starts an on-demand model that is stopped (or asleep) and
+waits for it, up to ``model_start_timeout_s`` (the wait counts in the request's TTFT); a model whose engine
 crashed and restarts answers 503 with ``Retry-After`` at once. :meth:`FleetHost.on_state`
 follows the fleet's engine states: ready puts the model's backend up (a health poll at
 once), restarting or failed takes it down, stopped or sleeping parks it (the pool keeps
