@@ -4,11 +4,12 @@ that move the backend pool.
 :class:`FleetHost` is what ``teamgpu up`` gives the gateway (the pipeline's
 :class:`~teamgpu.api.pipeline.ModelHost`). For a request to a model of the fleet,
 :meth:`FleetHost.ensure_ready` starts an on-demand model that is stopped (or asleep) and
-waits for it, up to ``model_start_timeout_s`` (the wait counts in the request's TTFT); a model whose engine
-crashed and restarts answers 503 with ``Retry-After`` at once. :meth:`FleetHost.on_state`
-follows the fleet's engine states: ready puts the model's backend up (a health poll at
-once), restarting or failed takes it down, stopped or sleeping parks it (the pool keeps
-its model names, so the next request starts it instead of getting 404).
+waits for it, up to ``model_start_timeout_s`` (the wait counts in the request's TTFT); a
+model whose engine crashed and restarts answers 503 with ``Retry-After`` at once.
+:meth:`FleetHost.on_state` follows the fleet's engine states: ready puts the model's
+backend up (a health poll at once), restarting or failed takes it down, stopped or
+sleeping parks it (the pool keeps its model names, so the next request starts it instead
+of getting 404).
 """
 
 from __future__ import annotations
