@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/overhead.py [--rate 200] [--seconds 10] [--json]
         [--key-limits [rpm,tpm,max-concurrent,daily-tokens]] [--redis-url URL]
+        [--apis responses,messages]
 
 Three processes on this machine: the fake backend (tests.support.fake_backend), the
 gateway (``teamgpu serve``), and this load generator. For each of non-streaming and
@@ -18,6 +19,10 @@ high to refuse, so every request takes the whole limit check (with ``tpm`` or
 ``daily-tokens``, a ``/tokenize`` call to the backend too); ``--redis-url`` keeps the
 limit state in Redis (under a prefix of its own, deleted afterwards). Compare with a run
 without them for what the limit check adds (issue 4).
+
+``--apis responses,messages`` adds streamed ``/v1/responses`` (OpenAI Responses) and
+``/v1/messages`` (Anthropic Messages) phases with the same 4 tokens (issue 11: their added
+latency and gateway CPU per request within 10 % of streamed chat's).
 """
 
 from __future__ import annotations
@@ -80,12 +85,22 @@ NEVER_REFUSES = 10**9
 
 BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}],
         "max_tokens": 16, "fake": {"tokens": 4}}
+# the streamed requests of the agent APIs (issue 11): the same 4 tokens, their own events
+API_BODIES: dict[str, tuple[str, dict[str, object]]] = {
+    "responses": ("/v1/responses", {"model": "fake-model", "input": "hello there",
+                                    "max_output_tokens": 16, "stream": True,
+                                    "fake": {"tokens": 4}}),
+    "messages": ("/v1/messages", {"model": "fake-model", "max_tokens": 16, "stream": True,
+                                  "messages": [{"role": "user", "content": "hello there"}],
+                                  "fake": {"tokens": 4}}),
+}
 
 
 async def one(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-              stream: bool) -> float:
+              stream: bool, body: dict[str, object] | None = None) -> float:
     t0 = time.perf_counter()
-    body = {**BODY, "stream": True} if stream else BODY
+    if body is None:
+        body = {**BODY, "stream": True} if stream else BODY
     async with session.post(url, json=body, headers=headers) as r:
         if stream:
             async for _ in r.content.iter_any():
@@ -101,10 +116,11 @@ def _session(limit: int) -> aiohttp.ClientSession:
 
 
 async def open_loop(url: str, headers: dict[str, str], rate: float, seconds: float,
-                    stream: bool) -> tuple[list[float], int]:
+                    stream: bool, body: dict[str, object] | None = None
+                    ) -> tuple[list[float], int]:
     async with _session(512) as session:
         for _ in range(50):  # warm up connections and code paths
-            await one(session, url, headers, stream)
+            await one(session, url, headers, stream, body)
         n = int(rate * seconds)
         start = time.perf_counter()
         tasks = []
@@ -116,7 +132,7 @@ async def open_loop(url: str, headers: dict[str, str], rate: float, seconds: flo
                 await asyncio.sleep(delay)
             elif delay < -0.005:
                 late += 1
-            tasks.append(asyncio.ensure_future(one(session, url, headers, stream)))
+            tasks.append(asyncio.ensure_future(one(session, url, headers, stream, body)))
         lat = await asyncio.gather(*tasks)
     return list(lat), late
 
@@ -147,7 +163,12 @@ def main() -> None:
     ap.add_argument("--key-limits", nargs="?", const=",".join(LIMIT_FLAGS), default="",
                     help="give the key these limits, too high to refuse (default: all four)")
     ap.add_argument("--redis-url", default=None, help="keep the limit state in this Redis")
+    ap.add_argument("--apis", default="",
+                    help="also streamed requests of these APIs: responses,messages")
     a = ap.parse_args()
+    apis = [x for x in a.apis.split(",") if x]
+    if set(apis) - set(API_BODIES):
+        ap.error(f"--apis takes some of {','.join(API_BODIES)}")
     limits = [x for x in a.key_limits.split(",") if x]
     if set(limits) - set(LIMIT_FLAGS):
         ap.error(f"--key-limits takes some of {','.join(LIMIT_FLAGS)}")
@@ -179,10 +200,14 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{gport}/readyz")
         direct = f"http://127.0.0.1:{fport}/v1/chat/completions"
         via = f"http://127.0.0.1:{gport}/v1/chat/completions"
-        auth = {"Authorization": f"Bearer {key}"}
+        auth = {"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}
         results: dict[str, dict[str, float]] = {}
-        for stream in (False, True):
-            name = "streaming" if stream else "non-streaming"
+        phases: list[tuple[str, bool, str, dict[str, object] | None]] = [
+            ("non-streaming", False, "/v1/chat/completions", None),
+            ("streaming", True, "/v1/chat/completions", None),
+            *((f"streaming {api}", True, *API_BODIES[api]) for api in apis)]
+        for name, stream, path, body in phases:
+            d_url, g_url = f"http://127.0.0.1:{fport}{path}", f"http://127.0.0.1:{gport}{path}"
             # alternate direct and gateway phases so that drift of the shared machine
             # (other processes, CPU frequency) affects both sides alike
             d: list[float] = []
@@ -190,13 +215,13 @@ def main() -> None:
             late_d = late_g = 0
             gw_cpu = 0.0
             for _ in range(a.rounds):
-                lat, late = asyncio.run(open_loop(direct, {}, a.rate, a.seconds / a.rounds,
-                                                  stream))
+                lat, late = asyncio.run(open_loop(d_url, {}, a.rate, a.seconds / a.rounds,
+                                                  stream, body))
                 d += lat
                 late_d += late
                 c0 = cpu_s(procs[1].pid)
-                lat, late = asyncio.run(open_loop(via, auth, a.rate, a.seconds / a.rounds,
-                                                  stream))
+                lat, late = asyncio.run(open_loop(g_url, auth, a.rate, a.seconds / a.rounds,
+                                                  stream, body))
                 gw_cpu += cpu_s(procs[1].pid) - c0
                 g += lat
                 late_g += late
@@ -233,7 +258,7 @@ def main() -> None:
     print("| requests | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 "
           "| added p99 | gateway CPU |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("non-streaming", "streaming"):
+    for name in [k for k in results if k != "max_rate"]:
         r = results[name]
         print(f"| {name} | {r['direct_p50_ms']:.2f} ms | {r['direct_p99_ms']:.2f} ms | "
               f"{r['gateway_p50_ms']:.2f} ms | {r['gateway_p99_ms']:.2f} ms | "
