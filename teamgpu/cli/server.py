@@ -107,6 +107,9 @@ def serve(_settings_overrides: dict[str, Any], backends: tuple[str, ...], host: 
     """Run only the gateway, in front of backends that already run."""
     s = load_settings(**_settings_overrides, backends=list(backends) or None, host=host, port=port,
                       max_inflight_per_backend=max_inflight, redis_url=redis_url)
+    # the servers of [[models]] entries with backends, and their aliases, join the pool
+    s.backends = list(dict.fromkeys([*s.backends, *(u for m in s.models for u in m.backends)]))
+    s.model_aliases = {**s.model_aliases, **{a: m.name for m in s.models for a in m.aliases}}
     if not s.backends:
         raise click.UsageError("give at least one --backend URL (or set backends in teamgpu.toml)")
     _logging(s)
