@@ -30,13 +30,14 @@ def text(m: GatewayMetrics) -> str:
 
 
 def job(batch_id: str, status: str, *, done: int = 0, eta_s: float | None = None,
-        user: str = "alice", finished_at: float | None = None) -> JobStats:
+        user: str = "alice", finished_at: float | None = None,
+        paused_until: float | None = None) -> JobStats:
     return {"id": batch_id, "user": user, "endpoint": "/v1/chat/completions",
             "status": status,
             "items": {"total": 10, "queued": 10 - done - 2, "in_flight": 2, "done": done,
                       "failed": 0},
             "tokens": {"prompt": 0, "completion": 0, "total": 0}, "started_at": 1.0,
-            "finished_at": finished_at, "eta_s": eta_s, "paused_until": None}
+            "finished_at": finished_at, "eta_s": eta_s, "paused_until": paused_until}
 
 
 def series(t: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
@@ -69,10 +70,12 @@ def test_model_state_is_one_series_per_state_with_1_for_the_current_one() -> Non
 
 
 def test_batch_items_and_eta_only_for_active_jobs_and_jobs_by_status() -> None:
+    now = 1_800_000_000.0
     jobs = [job("batch_a", "in_progress", done=4, eta_s=12.5),
             job("batch_b", "validating", user="bob"),
-            job("batch_c", "completed", done=8, finished_at=2.0)]
-    t = text(GatewayMetrics(batches=lambda: jobs))
+            job("batch_c", "completed", done=8, finished_at=2.0),
+            job("batch_d", "in_progress", done=3, eta_s=2.0, paused_until=now + 600)]
+    t = text(GatewayMetrics(batches=lambda: jobs, wall_clock=lambda: now))
     a = {"batch_id": "batch_a", "user": "alice"}
     assert value(t, "teamgpu_batch_items", **a, state="queued") == 4
     assert value(t, "teamgpu_batch_items", **a, state="in_flight") == 2
@@ -81,11 +84,13 @@ def test_batch_items_and_eta_only_for_active_jobs_and_jobs_by_status() -> None:
     assert value(t, "teamgpu_batch_eta_seconds", **a) == 12.5
     assert value(t, "teamgpu_batch_items", batch_id="batch_b", user="bob", state="queued") == 8
     assert value(t, "teamgpu_batch_eta_seconds", batch_id="batch_b", user="bob") is None
+    # paused for ten more minutes by a key limit: it cannot finish before that
+    assert value(t, "teamgpu_batch_eta_seconds", batch_id="batch_d", user="alice") == 602
     # an ended job has no per-job series (bounded cardinality), only its status count
     assert not [labels for labels in series(t, "teamgpu_batch_items")
                 if ("batch_id", "batch_c") in labels]
     jobs_by_status = {dict(k)["status"]: v for k, v in series(t, "teamgpu_batch_jobs").items()}
-    assert jobs_by_status == {**dict.fromkeys(BATCH_STATUSES, 0.0), "in_progress": 1.0,
+    assert jobs_by_status == {**dict.fromkeys(BATCH_STATUSES, 0.0), "in_progress": 2.0,
                               "validating": 1.0, "completed": 1.0}
 
 
