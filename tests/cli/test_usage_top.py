@@ -7,6 +7,7 @@ import csv
 import importlib
 import io
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from teamgpu.store.db import open_store
 from teamgpu.store.tables import usage as usage_table
 from tests.support.fake_backend import MODEL, ServerThread
 from tests.support.harness import Harness, start_gateway
+from tests.support.observed import StandInHost, paused_and_running_jobs
 
 top_module = importlib.import_module("teamgpu.cli.top")  # the package exports the command `top`
 
@@ -256,3 +258,72 @@ def test_top_fits_an_80_column_terminal(gw: Harness) -> None:
     text = console.export_text()
     assert f"today {stats['today']['date']}" in text  # the whole date, not cut
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+@pytest.fixture
+def busy_gw(fake_server: ServerThread, closed_port_url: str, tmp_path: Path
+            ) -> Iterator[tuple[Harness, str, str]]:
+    """A gateway serving the fake's model, ``sleepy`` (reported sleeping by a stand-in
+    engine host, two on-demand starts) and ``gone`` (down), with a paused and a running
+    batch job; yields it and the two jobs' ids."""
+    host = StandInHost({"sleepy": "sleeping"},
+                       {"sleepy": {"count": 2, "last_wait_s": 4.2, "waiting": 0}})
+    with start_gateway(tmp_path / "gw", [fake_server.url], host=host,
+                       declared={closed_port_url: ["sleepy", "gone"]},
+                       batch_poll_interval_s=0.1) as h:
+        paused, running = paused_and_running_jobs(h)
+        yield h, paused, running
+
+
+def line_of(out: str, word: str) -> str:
+    return next(line for line in out.splitlines() if word in line)
+
+
+def test_top_shows_the_models_and_the_batch_jobs(busy_gw: tuple[Harness, str, str]) -> None:
+    h, paused, running = busy_gw
+    out = run(top, "--url", h.url, "--key", h.admin_key, "--once").output
+    models = out[out.index("models"):out.index("batch jobs")]
+    ready = line_of(models, MODEL)
+    assert "ready" in ready and ready.split("│")[4].strip() == "3"  # in flight: the items
+    assert "sleeping" in line_of(models, "sleepy") and "2 (4.2 s)" in line_of(models, "sleepy")
+    assert "down" in line_of(models, "gone")
+    jobs = out[out.index("batch jobs"):]
+    p = [c.strip() for c in line_of(jobs, paused).split("│")]
+    assert p[1:4] == [paused, "erin", "paused to 00:00 UTC"]
+    assert p[4] == "████░░░░░░"  # 3 of 8 done, to the nearest tenth
+    assert p[5:7] == ["0", "5"] and re.fullmatch(r"\d+h\d\dm", p[7]), p  # ETA: the pause
+    assert "3/8 done" in jobs
+    r = [c.strip() for c in line_of(jobs, running).split("│")]
+    assert r[1:4] == [running, "alice", "in_progress"] and r[5:8] == ["3", "0", "–"], r
+    assert "0/3 done" in jobs
+
+
+def test_top_models_and_batch_jobs_fit_80_columns(busy_gw: tuple[Harness, str, str]) -> None:
+    from rich.console import Console
+
+    h, paused, _ = busy_gw
+    stats = h.client("admin").get("/stats").json()
+    console = Console(width=80, record=True, color_system=None)
+    console.print(top_module.render_stats(stats, h.url, 80))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    jobs = text[text.index("batch jobs"):]
+    header = line_of(jobs, "job, user")  # the user goes under the id, cut short
+    for c in ("status", "progress", "in flight", "queued", "ETA"):
+        assert c in header, c
+    assert paused[:10] in jobs and paused not in jobs
+    assert "sleeping" in text and "roles" not in text  # no room for the roles
+
+
+def test_top_without_batch_jobs_or_from_an_older_gateway(gw: Harness) -> None:
+    stats = gw.client("admin").get("/stats").json()
+    out = run(top, "--url", gw.url, "--key", gw.admin_key, "--once").output
+    assert "batch jobs: none running or ended in the last hour" in out
+    assert "models" in out and MODEL in line_of(out[out.index("models"):], MODEL)
+    older = {k: v for k, v in stats.items() if k not in ("models", "batches")}
+    from rich.console import Console
+
+    console = Console(width=120, record=True, color_system=None)
+    console.print(top_module.render_stats(older, gw.url, 120))
+    text = console.export_text()
+    assert "top users today" in text and "batch jobs" not in text

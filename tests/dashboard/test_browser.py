@@ -33,12 +33,11 @@ from typing import Any
 import httpx
 import pytest
 
-from teamgpu.auth.keys import KeyStore
 from teamgpu.metrics import GpuSample
 from teamgpu.scheduler import Admission, FairQueueConfig, PriorityClass, QueuedRequest
 from tests.support.fake_backend import MODEL, ServerThread
 from tests.support.harness import Harness, wait_until
-from tests.support.observed import StandInHost, batch_stats, chat_lines, submit_batch
+from tests.support.observed import StandInHost, paused_and_running_jobs
 
 from .conftest import dashboard_gateway
 
@@ -216,15 +215,7 @@ def test_sign_in_see_stats_revoke_a_key(driver: Any, fake_server: ServerThread,
         seed_ttft_history(h)
         # two batch jobs: erin's stops after three items (her daily token limit), alice's
         # three items take a minute each, so both stand still while the browser looks
-        erin_key, _ = KeyStore(h.gw.store).create("erin", limits={"daily_tokens": 60})
-        paused = submit_batch(h, erin_key, [
-            {**line, "body": {**line["body"], "fake": {"tokens": 2, "delay_s": 0.1 * (i + 1)}}}
-            for i, line in enumerate(chat_lines(8, prefix="erin"))])
-        wait_until(lambda: (j := batch_stats(h, paused))["paused_until"]
-                   and j["items"]["in_flight"] == 0, 15, "erin's job paused")
-        running = submit_batch(h, h.user_key, chat_lines(3, tokens=2, delay_s=30.0))
-        wait_until(lambda: batch_stats(h, running)["items"]["in_flight"] == 3, 15,
-                   "alice's three items in flight")
+        paused, running = paused_and_running_jobs(h)
         keys = {u: h.gw.keys.create(u)[0] for u in ("bob", "carol", "dana")}
         keys["alice"] = h.user_key
         clients = {u: h.client(k) for u, k in keys.items()}

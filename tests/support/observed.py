@@ -16,10 +16,12 @@ from typing import Any
 
 import openai
 
+from teamgpu.auth.keys import KeyStore
 from tests.support.fake_backend import MODEL
 from tests.support.harness import Harness, wait_until
 
-__all__ = ["StandInHost", "batch_stats", "chat_lines", "sdk", "submit_batch"]
+__all__ = ["StandInHost", "batch_stats", "chat_lines", "paused_and_running_jobs", "sdk",
+           "submit_batch"]
 
 
 class StandInHost:
@@ -97,3 +99,22 @@ def batch_stats(h: Harness, batch_id: str, *, timeout_s: float = 10.0,
         return None
 
     return wait_until(find, timeout_s, f"batch {batch_id} in /stats")  # type: ignore[no-any-return]
+
+
+def paused_and_running_jobs(h: Harness) -> tuple[str, str]:
+    """Two batch jobs that stand still while a test looks at them; returns their ids.
+
+    * erin's (a new key with a daily limit of 60 tokens): eight items, of which three are
+      answered (0.1, 0.2, 0.3 s) before the limit pauses the job until midnight UTC;
+    * alice's (``h.user_key``): three items of a minute each, all in flight.
+    """
+    erin_key, _ = KeyStore(h.gw.store).create("erin", limits={"daily_tokens": 60})
+    paused = submit_batch(h, erin_key, [
+        {**line, "body": {**line["body"], "fake": {"tokens": 2, "delay_s": 0.05 * (i + 1)}}}
+        for i, line in enumerate(chat_lines(8, prefix="erin"))])
+    wait_until(lambda: (j := batch_stats(h, paused))["paused_until"]
+               and j["items"]["in_flight"] == 0, 15, "erin's job paused")
+    running = submit_batch(h, h.user_key, chat_lines(3, tokens=2, delay_s=30.0))
+    wait_until(lambda: batch_stats(h, running)["items"]["in_flight"] == 3, 15,
+               "alice's three items in flight")
+    return paused, running
