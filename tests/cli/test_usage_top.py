@@ -26,8 +26,14 @@ from teamgpu.metrics.usage_report import parse_since, usage_report
 from teamgpu.store.db import open_store
 from teamgpu.store.tables import usage as usage_table
 from tests.support.fake_backend import MODEL, ServerThread
-from tests.support.harness import Harness, start_gateway
-from tests.support.observed import StandInHost, paused_and_running_jobs
+from tests.support.harness import Harness, start_gateway, wait_until
+from tests.support.observed import (
+    StandInHost,
+    batch_stats,
+    chat_lines,
+    paused_and_running_jobs,
+    submit_batch,
+)
 
 top_module = importlib.import_module("teamgpu.cli.top")  # the package exports the command `top`
 
@@ -36,12 +42,13 @@ TODAY = datetime(NOW.year, NOW.month, NOW.day, tzinfo=UTC)
 
 
 def row(ts: datetime, user: str | None, *, model: str | None = "m1", status: int = 200,
-        prompt: int = 10, completion: int = 20, ttft_ms: float | None = 100.0) -> dict[str, Any]:
+        prompt: int = 10, completion: int = 20, ttft_ms: float | None = 100.0,
+        batch_id: str | None = None, endpoint: str = "chat/completions") -> dict[str, Any]:
     return {"request_id": secrets.token_hex(8), "ts": ts, "user": user, "key_id": None,
-            "endpoint": "chat/completions", "model": model, "priority": "normal",
+            "endpoint": endpoint, "model": model, "priority": "normal",
             "stream": False, "status": status, "outcome": "ok" if status < 400 else "error",
             "prompt_tokens": prompt, "completion_tokens": completion, "queue_ms": 0.0,
-            "ttft_ms": ttft_ms, "total_ms": 500.0}
+            "ttft_ms": ttft_ms, "total_ms": 500.0, "batch_id": batch_id}
 
 
 def fill(engine: Any) -> None:
@@ -110,6 +117,60 @@ def test_usage_by_model_since_all(data_dir: Path) -> None:
     assert set(rows) == {"m1", "m2", "(none)"}
     assert rows["m2"]["requests"] == 2 and rows["m2"]["prompt_tokens"] == 1100
     assert rows["m1"]["requests"] == 4
+
+
+def test_usage_by_batch_tells_batch_items_apart(data_dir: Path) -> None:
+    """Batch items are usage (by user, by model) and ``--by batch`` groups them per job;
+    requests made directly are ``-``; the Batch API's own requests are not usage."""
+    t = TODAY + timedelta(minutes=2)
+    with open_store(f"sqlite:///{data_dir / 'teamgpu.db'}").begin() as conn:
+        conn.execute(insert(usage_table), [
+            row(t, "alice", batch_id="batch_a", prompt=3, completion=4),
+            row(t, "alice", batch_id="batch_a", status=404, model=None, prompt=0,
+                completion=0, ttft_ms=None),
+            row(t, "bob", batch_id="batch_b", model="m2", prompt=1, completion=1),
+            row(t, "bob", batch_id="batch_b", endpoint="batches.retrieve", prompt=0,
+                completion=0, ttft_ms=None),
+        ])
+    rows = {r["batch"]: r for r in usage_json(data_dir, "--by", "batch", "--since", "all")}
+    assert set(rows) == {"batch_a", "batch_b", "-"}
+    assert rows["batch_a"] == {"batch": "batch_a", "requests": 2, "prompt_tokens": 3,
+                               "completion_tokens": 4, "total_tokens": 7, "errors": 1,
+                               "p50_ttft_ms": 100.0}
+    assert rows["batch_b"]["requests"] == 1  # its batches.retrieve row is not usage
+    assert rows["-"]["requests"] == 7  # the rows of fill()
+    users = {r["user"]: r for r in usage_json(data_dir, "--by", "user")}
+    assert users["alice"]["requests"] == 3 + 2 and users["bob"]["requests"] == 1 + 1
+    models = {r["model"]: r for r in usage_json(data_dir, "--by", "model", "--since", "all")}
+    assert models["m2"]["requests"] == 3 and models["(none)"]["requests"] == 2
+    out = run(usage, "--by", "batch", "--since", "all", "--data-dir", str(data_dir)).output
+    assert "usage by batch" in out and "batch_a" in out
+    csv_out = run(usage, "--by", "batch", "--csv", "--data-dir", str(data_dir)).output
+    assert csv_out.splitlines()[0].startswith("batch,requests,")
+
+
+def test_usage_by_batch_and_model_after_a_real_batch(
+        clean_env: Path, fake_server: ServerThread, tmp_path: Path) -> None:
+    """A batch job through a real gateway: its items are audited with its id and counted
+    as usage of the served model, beside a request made directly."""
+    with start_gateway(tmp_path / "gw", [fake_server.url], batch_poll_interval_s=0.1) as h:
+        lines = chat_lines(3, prefix="usage")
+        lines.append({**lines[0], "custom_id": "bad",
+                      "body": {**lines[0]["body"], "model": "no-such-model"}})
+        batch_id = submit_batch(h, h.user_key, lines)
+        assert h.client("user").post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}]}).status_code == 200
+        wait_until(lambda: batch_stats(h, batch_id)["status"] == "completed", 20,
+                   "the batch to complete")
+        h.flush()
+        data = str(h.data_dir)
+    rows = {r["batch"]: r for r in usage_json(Path(data), "--by", "batch")}
+    assert set(rows) == {batch_id, "-"}
+    assert (rows[batch_id]["requests"], rows[batch_id]["errors"]) == (4, 1)
+    assert rows["-"]["requests"] == 1
+    models = {r["model"]: r for r in usage_json(Path(data), "--by", "model")}
+    assert models[MODEL]["requests"] == 3 + 1
+    assert sum(r["requests"] for r in models.values()) == 5  # the 404 item too
 
 
 def test_usage_since_a_date_until_a_date(data_dir: Path) -> None:
