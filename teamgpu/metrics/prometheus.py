@@ -26,7 +26,7 @@ Exported (units in the names; ``_total`` for counters)::
     teamgpu_model_state                    gauge     {model, state}     (1: current state, else 0)
     teamgpu_model_inflight_requests        gauge     {model}
     teamgpu_model_queue_depth              gauge     {model}
-    teamgpu_model_starts_total             counter   {model}            (models started on demand)
+    teamgpu_model_starts_total             counter   {model}            (requests that started it)
     teamgpu_batch_items                    gauge     {batch_id, user, state}   (active jobs)
     teamgpu_batch_eta_seconds              gauge     {batch_id, user}   (active jobs with an ETA)
     teamgpu_batch_jobs                     gauge     {status}           (active and recent jobs)
@@ -449,7 +449,8 @@ _MODEL_GAUGES: list[tuple[str, str, list[str]]] = [
     ("teamgpu_model_queue_depth", "Requests waiting in the model's fair queue.", ["model"]),
 ]
 _MODEL_STARTS = ("teamgpu_model_starts",
-                 "Times a request started the model's engine (models that start on demand).",
+                 "Requests that found the model's engine stopped or asleep and waited until "
+                 "it had started (teamgpu up, models that start on demand).",
                  None, ["model"])
 _BATCH_GAUGES: list[tuple[str, str, list[str]]] = [
     ("teamgpu_batch_items", "Items of an active batch job by state (queued, in_flight, done: "
