@@ -179,3 +179,17 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
     prov = yaml.safe_load((MON / "grafana/provisioning/dashboards/teamgpu.yml").read_text())
     assert prov["providers"][0]["type"] == "file"
     assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/teamgpu"
+
+
+def test_every_gateway_metric_is_in_the_docs_table() -> None:
+    """docs/observability.md's metrics table has a row for each family /metrics may show."""
+    doc = (REPO / "docs" / "observability.md").read_text()
+    documented = set(re.findall(r"^\| `(teamgpu_\w+)` \|", doc, flags=re.MULTILINE))
+    m = GatewayMetrics(redis_errors=lambda: {"limiter": 0})
+    families = {line.split()[2] for line in m.render()[0].decode().splitlines()
+                if line.startswith("# TYPE ")}
+    exported = {n for n in gateway_names() | families
+                if n.startswith("teamgpu_") and n.split("_")[-1] not in ("bucket", "count",
+                                                                            "sum")}
+    assert exported <= documented, sorted(exported - documented)
+    assert {"teamgpu_model_state", "teamgpu_batch_items", "teamgpu_batch_jobs"} <= exported
