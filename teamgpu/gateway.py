@@ -26,6 +26,7 @@ from starlette.requests import Request
 from teamgpu.api.adapters import CHAT, COMPLETIONS, EMBEDDINGS
 from teamgpu.api.adapters.responses import Responses
 from teamgpu.api.batch_executor import PipelineExecutor
+from teamgpu.api.observability import models_json
 from teamgpu.api.pipeline import ModelHost, Pipeline
 from teamgpu.api.recorder import Recorder
 from teamgpu.auth.authenticator import Authenticator
@@ -157,6 +158,10 @@ class Gateway:
             redis_errors=(lambda: {"limiter": limiter.redis_errors_total,
                                    "auth_throttle": throttle.redis_errors_total})
             if redis_url else None,
+            # read at scrape time, so only once open() returned and gw exists: the same
+            # models (pool, admissions, pipeline.host) and jobs (batch_runner) as /stats
+            models=lambda: models_json(gw),
+            batches=lambda: gw.batch_runner.stats(),
         )
         keys = KeyStore(store)
         auth = Authenticator(keys, throttle, trust_forwarded_for=s.trust_forwarded_for,

@@ -1,7 +1,8 @@
 """``teamgpu top``: a live terminal view of a running gateway, like ``htop``.
 
 Polls ``GET /stats`` over HTTP with an admin key and redraws: queue by class, in-flight,
-time to first token, today's top users, GPU and backends. ``--once`` prints one frame
+time to first token, today's top users, the models (state, in flight, queued, on-demand
+starts), the batch jobs (progress, ETA), GPU and backends. ``--once`` prints one frame
 and exits (for scripts and tests).
 
 Exit status: 0, or 1 when the gateway cannot be reached or refuses the key (with
@@ -11,7 +12,7 @@ Exit status: 0, or 1 when the gateway cannot be reached or refuses the key (with
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -27,6 +28,11 @@ from teamgpu.scheduler.priority import PriorityClass
 __all__ = ["StatsError", "fetch_stats", "render_stats", "top"]
 
 TOP_USERS = 10
+BAR_CELLS = 10  # width of a batch job's progress bar
+#: colour of a model's state and of a batch job's status (others: no colour)
+STATE_STYLE = {"ready": "green", "starting": "yellow", "restarting": "yellow",
+               "sleeping": "blue", "stopped": "blue", "failed": "red", "down": "red",
+               "in_progress": "green", "cancelling": "yellow", "expired": "red"}
 
 
 class StatsError(Exception):
@@ -85,9 +91,96 @@ def _duration(s: float) -> str:
     return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}h{m:02d}m{s:02d}s"
 
 
+def _span(s: float | None) -> str:
+    """Seconds as ``45s``, ``12m05s``, ``3h07m``, ``2d03h``; ``–`` for None."""
+    if s is None:
+        return "–"
+    t = round(s)
+    if t < 60:
+        return f"{t}s"
+    if t < 3600:
+        return f"{t // 60}m{t % 60:02d}s"
+    if t < 86400:
+        return f"{t // 3600}h{t % 3600 // 60:02d}m"
+    return f"{t // 86400}d{t % 86400 // 3600:02d}h"
+
+
+def _models_table(models: list[dict[str, Any]], wide: bool) -> Table:
+    """Each served model: state, in flight, queued, capacity, on-demand starts (and its
+    roles on a wide terminal)."""
+    t = Table(title="models", title_justify="left", expand=True)
+    t.add_column("model", overflow="ellipsis", no_wrap=True, ratio=2)
+    if wide:
+        t.add_column("roles", overflow="ellipsis", no_wrap=True, ratio=2)
+    t.add_column("state", no_wrap=True)
+    for c in ("in flight", "queued", "capacity"):
+        t.add_column(c, justify="right", no_wrap=True)
+    t.add_column("starts (last wait)", overflow="ellipsis", no_wrap=True)
+    for m in models:
+        st = m.get("starts")
+        starts = "–" if not st else (
+            f"{st['count']:,}" + ("" if st.get("last_wait_s") is None
+                                  else f" ({st['last_wait_s']:.1f} s)")
+            + (f", {st['waiting']:,} waiting" if st.get("waiting") else ""))
+        cap = m.get("capacity")
+        row: list[RenderableType] = [m["name"]]
+        if wide:
+            row.append(", ".join(m.get("roles", [])) or "–")
+        row += [Text(m["state"], style=STATE_STYLE.get(m["state"], "")), f"{m['in_flight']:,}",
+                f"{m['queued']:,}", "–" if cap is None else f"{cap:,}", starts]
+        t.add_row(*row)
+    return t
+
+
+def _progress(items: dict[str, int]) -> Text:
+    """A bar (done green, failed red), and under it ``done/total`` and the failed ones."""
+    total = max(1, items["total"])
+    done = round(BAR_CELLS * items["done"] / total)
+    failed = min(BAR_CELLS - done, round(BAR_CELLS * items["failed"] / total))
+    bar = Text.assemble(("█" * done, "green"), ("█" * failed, "red"),
+                        ("░" * (BAR_CELLS - done - failed), "dim"))
+    bar.append(f"\n{items['done']:,}/{items['total']:,} done")
+    if items["failed"]:
+        bar.append(f", {items['failed']:,} failed", style="red")
+    return bar
+
+
+def _batches_table(jobs: list[dict[str, Any]], now: float, wide: bool) -> Table:
+    """Each batch job: user, status (or when its pause ends), progress, in flight, queued,
+    ETA (a paused job's counts the pause). Below 100 columns the user goes under the job's
+    id, which is cut short."""
+    t = Table(title="batch jobs", title_justify="left", expand=True)
+    t.add_column("job" if wide else "job, user", overflow="ellipsis", no_wrap=True,
+                 max_width=None if wide else 16)
+    if wide:
+        t.add_column("user", overflow="ellipsis", no_wrap=True, max_width=12)
+    t.add_column("status", min_width=11)
+    t.add_column("progress", min_width=BAR_CELLS)
+    for c in ("in flight", "queued", "ETA"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for j in jobs:
+        items = j["items"]
+        paused = j.get("paused_until")
+        eta = j.get("eta_s")
+        if eta is not None and paused:
+            eta += max(0.0, paused - now)
+        if paused:
+            status = Text(f"paused to {datetime.fromtimestamp(paused, UTC):%H:%M} UTC",
+                          style="yellow")
+        else:
+            status = Text(j["status"], style=STATE_STYLE.get(j["status"], ""))
+        who: list[RenderableType] = [j["id"], j["user"]] if wide else [
+            Text.assemble(j["id"], "\n", (j["user"], "dim"))]
+        t.add_row(*who, status, _progress(items), f"{items['in_flight']:,}",
+                  f"{items['queued']:,}", _span(eta))
+    return t
+
+
 def render_stats(data: dict[str, Any], url: str = "", width: int | None = None) -> RenderableType:
     """One frame of ``teamgpu top`` from a ``/stats`` snapshot; ``width`` (columns of the
-    terminal) below 100 puts the four tiles in two rows of two."""
+    terminal) below 100 puts the four tiles in two rows of two and leaves the models'
+    roles out. The models and batch jobs are left out for a gateway whose ``/stats`` has
+    no ``models`` and ``batches``."""
     q = data["queue"]
     inflight = data["in_flight"]
     ttft = data["ttft"]
@@ -142,6 +235,16 @@ def render_stats(data: dict[str, Any], url: str = "", width: int | None = None) 
                       f"{u['errors']:,}")
 
     parts: list[RenderableType] = [header, tiles, users]
+    if data.get("models"):
+        parts.append(_models_table(data["models"], wide=per_row == 4))
+    if "batches" in data:
+        if data["batches"]:
+            generated = data.get("generated_at")
+            now = datetime.fromisoformat(generated).timestamp() if generated else time.time()
+            parts.append(_batches_table(data["batches"], now, wide=per_row == 4))
+        else:
+            parts.append(Text("batch jobs: none running or ended in the last hour",
+                              style="dim"))
     gpus = data.get("gpu", [])
     if gpus:
         g_table = Table(title="GPU", title_justify="left", expand=True)
@@ -184,7 +287,8 @@ def render_stats(data: dict[str, Any], url: str = "", width: int | None = None) 
               help="Seconds between two polls.")
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
 def top(url: str, key: str, interval: float, once: bool) -> None:
-    """Live view of a running gateway: queue, in-flight, TTFT, top users, GPU, backends."""
+    """Live view of a running gateway: queue, in-flight, TTFT, top users, models, batch
+    jobs, GPU, backends."""
     console = Console()
     with httpx.Client(timeout=max(5.0, interval * 3), trust_env=False) as client:
         try:

@@ -9,6 +9,7 @@ Examples::
     teamgpu usage                          # per user, today (UTC)
     teamgpu usage --by day --since 7d      # per UTC day, last 7 days
     teamgpu usage --by model --since 2026-11-01 --until 2026-12-01 --csv
+    teamgpu usage --by batch --since 7d    # per batch job; "-": requests made directly
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def _when(value: str | None, param: str, now: datetime) -> datetime | None:
 
 
 @click.command("usage")
-@click.option("--by", "by", type=click.Choice(["user", "day", "model"]), default="user",
-              show_default=True, help="Group by user, UTC day or served model.")
+@click.option("--by", "by", type=click.Choice(["user", "day", "model", "batch"]),
+              default="user", show_default=True,
+              help="Group by user, UTC day, served model or batch job (batch id; '-' for "
+                   "requests not made by a batch job).")
 @click.option("--since", default="today", show_default=True,
               help="Start: today, yesterday, all, 24h, 7d, 30m, YYYY-MM-DD or ISO date-time "
                    "(UTC).")
@@ -53,7 +56,7 @@ def _when(value: str | None, param: str, now: datetime) -> datetime | None:
 @settings_options
 def usage(_settings_overrides: dict[str, Any], by: GroupBy, since: str, until: str | None,
           as_csv: bool, as_json: bool) -> None:
-    """Requests, tokens, errors and median TTFT per user, day or model."""
+    """Requests, tokens, errors and median TTFT per user, day, model or batch job."""
     if as_csv and as_json:
         raise click.UsageError("--csv and --json exclude each other")
     now = datetime.now(UTC)

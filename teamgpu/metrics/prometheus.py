@@ -3,8 +3,8 @@
 :class:`GatewayMetrics` owns its own :class:`~prometheus_client.CollectorRegistry` (no
 global registry, so two gateways in one process, as in tests, never share counters).
 The request path reports finished requests, token gaps and refusals through three
-methods; gauges (queue depth, in-flight, backend health, GPU) are read from callables at
-scrape time, so they are never stale.
+methods; gauges (queue depth, in-flight, backend health, GPU, models, batch jobs) are read
+from callables at scrape time, so they are never stale.
 
 Exported (units in the names; ``_total`` for counters)::
 
@@ -23,13 +23,23 @@ Exported (units in the names; ``_total`` for counters)::
     teamgpu_gpu_memory_total_bytes         gauge     {gpu, uuid, name}
     teamgpu_gpu_temperature_celsius        gauge     {gpu, uuid, name}
     teamgpu_gpu_power_watts                gauge     {gpu, uuid, name}
+    teamgpu_model_state                    gauge     {model, state}     (1: current state, else 0)
+    teamgpu_model_inflight_requests        gauge     {model}
+    teamgpu_model_queue_depth              gauge     {model}
+    teamgpu_model_starts_total             counter   {model}            (requests that started it)
+    teamgpu_batch_items                    gauge     {batch_id, user, state}   (active jobs)
+    teamgpu_batch_eta_seconds              gauge     {batch_id, user}   (active jobs with an ETA)
+    teamgpu_batch_jobs                     gauge     {status}           (active and recent jobs)
 
 Label cardinality stays bounded because every label value comes from a bounded set:
 ``user`` is the user of a known key (the caller passes ``"anonymous"`` when there is
 none), ``model`` a served model name (``"unknown"`` before the model was resolved),
 ``endpoint`` one of the proxy's endpoints, ``priority`` a class name (``"none"`` before
-one was chosen), ``status`` an HTTP status code, ``limit`` a limit name and ``backend``
-a configured backend URL. Free text from a request never becomes a label.
+one was chosen), ``status`` an HTTP status code (or a batch status), ``limit`` a limit
+name, ``backend`` a configured backend URL, ``state`` one of a fixed list of states, and
+``batch_id`` the id of an *active* batch job (at most ``batch_max_active_jobs`` per
+gateway; a job's series go away when it ends). Free text from a request never becomes a
+label.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from teamgpu.batch.protocol import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStats
 from teamgpu.metrics.gpu import GpuSample
 from teamgpu.metrics.ttft import MinutePoint, TtftSummary, TtftWindow
 from teamgpu.scheduler.priority import PriorityClass
@@ -52,8 +63,11 @@ from teamgpu.scheduler.priority import PriorityClass
 log = logging.getLogger("teamgpu.metrics")
 
 __all__ = [
+    "BATCH_ITEM_STATES",
+    "BATCH_STATUSES",
     "DURATION_BUCKETS_S",
     "ITL_BUCKETS_S",
+    "MODEL_STATES",
     "PRIORITIES",
     "QUEUE_WAIT_BUCKETS_S",
     "TTFT_BUCKETS_S",
@@ -61,6 +75,14 @@ __all__ = [
 ]
 
 PRIORITIES = PriorityClass.labels()
+
+#: A model's states: its engine's (``teamgpu up``), or ``ready``/``down`` for a model
+#: served by servers that run already (``/stats`` ``models[].state``).
+MODEL_STATES = ("ready", "starting", "sleeping", "stopped", "restarting", "failed", "down")
+#: The states of a batch job's items (``/stats`` ``batches[].items``, total left out).
+BATCH_ITEM_STATES = ("queued", "in_flight", "done", "failed")
+#: Every batch status, the active ones first.
+BATCH_STATUSES = (*ACTIVE_STATUSES, *TERMINAL_STATUSES)
 
 #: Time to first token: an IDE completion should start within 100-250 ms; a queued batch
 #: request may wait a minute.
@@ -96,9 +118,19 @@ class GatewayMetrics:
         redis_errors: Returns Redis errors met so far per component (``limiter``,
             ``auth_throttle``), exported as ``teamgpu_redis_errors_total``; None (no Redis
             configured) leaves the family out.
+        models: Returns the served models as ``/stats`` lists them
+            (:func:`teamgpu.api.observability.models_json`): mappings with ``name``,
+            ``state`` (one of :data:`MODEL_STATES`), ``in_flight``, ``queued`` and
+            ``starts`` (``{"count", ...}`` for a model that starts on demand, else None).
+            Exported as the ``teamgpu_model_*`` families; None leaves them out.
+        batches: Returns the batch jobs as ``BatchRunner.stats`` does (active jobs, then
+            those ended in the last hour). Exported as ``teamgpu_batch_items`` and
+            ``teamgpu_batch_eta_seconds`` (active jobs only) and ``teamgpu_batch_jobs``
+            (every job listed, by status); None leaves them out.
         ttft_window: The rolling TTFT window fed by :meth:`request_done` (default: 5
             minutes, one hour of per-minute history).
-        wall_clock: Seconds since the epoch, for the TTFT window (default ``time.time``).
+        wall_clock: Seconds since the epoch, for the TTFT window and a paused batch job's
+            ETA (default ``time.time``).
 
     Every gauge callable is called at scrape time; one that raises is logged and its
     family left out of that scrape, so one broken source never breaks ``/metrics``.
@@ -113,6 +145,8 @@ class GatewayMetrics:
         backend_up: Callable[[], Mapping[str, bool]] | None = None,
         gpu: GpuSource | Callable[[], list[GpuSample]] | None = None,
         redis_errors: Callable[[], Mapping[str, int]] | None = None,
+        models: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+        batches: Callable[[], Iterable[JobStats]] | None = None,
         ttft_window: TtftWindow | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -149,7 +183,7 @@ class GatewayMetrics:
             ["user", "limit"], registry=r)
         self.collector = LiveGaugeCollector(
             queue_depth=queue_depth, inflight=inflight, backend_up=backend_up, gpu=gpu,
-            redis_errors=redis_errors)
+            redis_errors=redis_errors, models=models, batches=batches, wall_clock=wall_clock)
         r.register(self.collector)
 
     # ------------------------------------------------------------ request path hooks
@@ -308,8 +342,14 @@ class LiveGaugeCollector(Collector):
         backend_up: Callable[[], Mapping[str, bool]] | None,
         gpu: GpuSource | Callable[[], list[GpuSample]] | None,
         redis_errors: Callable[[], Mapping[str, int]] | None = None,
+        models: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+        batches: Callable[[], Iterable[JobStats]] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._queue_depth = queue_depth
+        self._wall_clock = wall_clock
+        self._models = models
+        self._batches = batches
         self._redis_errors = redis_errors
         self._inflight = inflight
         self._backend_up = backend_up
@@ -324,6 +364,13 @@ class LiveGaugeCollector(Collector):
             yield GaugeMetricFamily(name, doc, labels=labels)
         if self._redis_errors is not None:
             yield CounterMetricFamily(*_REDIS_ERRORS)
+        if self._models is not None:
+            for name, doc, labels in _MODEL_GAUGES:
+                yield GaugeMetricFamily(name, doc, labels=labels)
+            yield CounterMetricFamily(*_MODEL_STARTS)
+        if self._batches is not None:
+            for name, doc, labels in _BATCH_GAUGES:
+                yield GaugeMetricFamily(name, doc, labels=labels)
 
     def collect(self) -> Iterable[Metric]:
         """Read every source now and yield its gauges."""
@@ -360,6 +407,13 @@ class LiveGaugeCollector(Collector):
         gpus = _read("GPU", self.gpu) or []
         if gpus:
             yield from _gpu_families(gpus, family)
+        models = self._models
+        if models is not None:
+            yield from _read("models", lambda: _model_families(models())) or []
+        batches = self._batches
+        if batches is not None:
+            yield from _read("batch jobs", lambda: _batch_families(
+                batches(), self._wall_clock())) or []
 
 
 _REDIS_ERRORS_DOC = ("Redis errors met by the limiter or the failed-authentication throttle "
@@ -385,6 +439,29 @@ _GAUGES: list[tuple[str, str, list[str]]] = [
     ("teamgpu_gpu_power_watts", "GPU power draw (NVML), watts.", _GPU_LABELS),
 ]
 
+_MODEL_GAUGES: list[tuple[str, str, list[str]]] = [
+    ("teamgpu_model_state",
+     "1 for the served model's current state (its engine's with teamgpu up, else ready "
+     "while one of its backends is up, down otherwise), 0 for its other states.",
+     ["model", "state"]),
+    ("teamgpu_model_inflight_requests", "Requests the gateway has open for the model, on "
+     "all its backends.", ["model"]),
+    ("teamgpu_model_queue_depth", "Requests waiting in the model's fair queue.", ["model"]),
+]
+_MODEL_STARTS = ("teamgpu_model_starts",
+                 "Requests that found the model's engine stopped or asleep and waited until "
+                 "it had started (teamgpu up, models that start on demand).",
+                 None, ["model"])
+_BATCH_GAUGES: list[tuple[str, str, list[str]]] = [
+    ("teamgpu_batch_items", "Items of an active batch job by state (queued, in_flight, done: "
+     "answered 2xx, failed: any other final answer).", ["batch_id", "user", "state"]),
+    ("teamgpu_batch_eta_seconds", "Estimated seconds until an active batch job has answered "
+     "every item (from its recent completion rate; a paused job's counts the pause).",
+     ["batch_id", "user"]),
+    ("teamgpu_batch_jobs", "Batch jobs this gateway runs or ended in the last hour, by "
+     "status.", ["status"]),
+]
+
 _GPU_FIELDS = {
     "teamgpu_gpu_utilization_percent": "utilization_percent",
     "teamgpu_gpu_memory_used_bytes": "memory_used_bytes",
@@ -405,6 +482,51 @@ def _gpu_families(
                 f.add_metric([str(g.index), g.uuid or "", g.name], float(value))
         if f.samples:
             yield f
+
+
+def _model_families(models: Iterable[Mapping[str, Any]]) -> list[Metric]:
+    """The ``teamgpu_model_*`` families of ``models`` (``/stats`` ``models`` items)."""
+    docs = {name: (doc, labels) for name, doc, labels in _MODEL_GAUGES}
+    state, inflight, queued = (GaugeMetricFamily(name, docs[name][0], labels=docs[name][1])
+                               for name in ("teamgpu_model_state",
+                                            "teamgpu_model_inflight_requests",
+                                            "teamgpu_model_queue_depth"))
+    starts = CounterMetricFamily(*_MODEL_STARTS)
+    for m in models:
+        name, current = str(m["name"]), str(m["state"])
+        extra = () if current in MODEL_STATES else (current,)  # never hide a new state
+        for st in (*MODEL_STATES, *extra):
+            state.add_metric([name, st], 1.0 if st == current else 0.0)
+        inflight.add_metric([name], float(m["in_flight"]))
+        queued.add_metric([name], float(m["queued"]))
+        if m.get("starts") is not None:
+            starts.add_metric([name], float(m["starts"]["count"]))
+    return [state, inflight, queued, starts]
+
+
+def _batch_families(jobs: Iterable[JobStats], now: float) -> list[Metric]:
+    """The ``teamgpu_batch_*`` families: items and ETA of the active jobs, and every job
+    listed counted by status. A paused job's ETA counts the rest of its pause (``now``:
+    Unix seconds, the clock of ``paused_until``)."""
+    docs = {name: (doc, labels) for name, doc, labels in _BATCH_GAUGES}
+    items, eta, by_status = (GaugeMetricFamily(name, docs[name][0], labels=docs[name][1])
+                             for name in ("teamgpu_batch_items", "teamgpu_batch_eta_seconds",
+                                          "teamgpu_batch_jobs"))
+    counts = dict.fromkeys(BATCH_STATUSES, 0)
+    for j in jobs:
+        counts[j["status"]] = counts.get(j["status"], 0) + 1
+        if j["status"] not in ACTIVE_STATUSES:
+            continue
+        it = j["items"]
+        counted = (it["queued"], it["in_flight"], it["done"], it["failed"])
+        for st, count in zip(BATCH_ITEM_STATES, counted, strict=True):
+            items.add_metric([j["id"], j["user"], st], float(count))
+        if j["eta_s"] is not None:
+            pause = max(0.0, j["paused_until"] - now) if j["paused_until"] else 0.0
+            eta.add_metric([j["id"], j["user"]], float(j["eta_s"]) + pause)
+    for status, n in counts.items():
+        by_status.add_metric([status], float(n))
+    return [items, eta, by_status]
 
 
 def _read(what: str, source: Callable[[], Any] | None) -> Any:

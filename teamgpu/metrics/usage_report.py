@@ -1,9 +1,10 @@
 """Usage reports from the audit log (the store's ``usage`` table).
 
-Used by ``teamgpu usage`` (grouped by user, UTC day or model, over a period) and by
-``/stats`` (per user, today). Counts and token sums are aggregated in SQL; the median
-time to first token needs the values themselves, so it is computed here from one column,
-and only when asked for.
+Used by ``teamgpu usage`` (grouped by user, UTC day, model or batch job, over a period)
+and by ``/stats`` (per user, today). A batch job's items are usage like any request (one
+audit row each, with the job's ``batch_id``); grouping by batch tells them apart.
+Counts and token sums are aggregated in SQL; the median time to first token needs the
+values themselves, so it is computed here from one column, and only when asked for.
 
 Works on SQLite and PostgreSQL (the two stores teamgpu supports); days are UTC days.
 """
@@ -24,9 +25,10 @@ from teamgpu.store.tables import LISTING_ENDPOINTS, usage
 
 __all__ = ["GroupBy", "UsageGroup", "parse_since", "start_of_day", "usage_report"]
 
-GroupBy = Literal["user", "day", "model"]
+GroupBy = Literal["user", "day", "model", "batch"]
 UNAUTHENTICATED = "(unauthenticated)"
 NO_MODEL = "(none)"
+NO_BATCH = "-"
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -34,12 +36,13 @@ _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 @dataclass(frozen=True, slots=True)
 class UsageGroup:
-    """Usage of one user, day or model over a period.
+    """Usage of one user, day, model or batch job over a period.
 
     Attributes:
         key: The user (``(unauthenticated)`` for requests without a valid key), the UTC
-            day as ``YYYY-MM-DD``, or the served model name (``(none)`` when the request
-            failed before a model was resolved).
+            day as ``YYYY-MM-DD``, the served model name (``(none)`` when the request
+            failed before a model was resolved), or the batch id (``-`` for requests not
+            made by a batch job).
         requests: Requests, every outcome included.
         prompt_tokens: Prompt tokens.
         completion_tokens: Completion tokens.
@@ -126,12 +129,13 @@ def usage_report(
     until: datetime | None = None,
     with_ttft: bool = True,
 ) -> list[UsageGroup]:
-    """Usage grouped by user, UTC day or model, for ``since <= ts < until``; model
-    listings (``/v1/models``) are audited but are not usage, and are left out.
+    """Usage grouped by user, UTC day, model or batch job, for ``since <= ts < until``;
+    model listings (``/v1/models``) and the Batch and Files API's own requests are
+    audited but are not usage, and are left out (``LISTING_ENDPOINTS``).
 
     Args:
         engine: The store.
-        by: ``user``, ``day`` or ``model``.
+        by: ``user``, ``day``, ``model`` or ``batch``.
         since: Start of the period (aware or naive UTC); None for no lower bound.
         until: End of the period, excluded; None for no upper bound.
         with_ttft: Also compute the median TTFT per group (reads one value per request
@@ -164,7 +168,7 @@ def usage_report(
             if cond is not None:
                 tq = tq.where(cond)
             medians = _medians(conn.execute(tq))
-    default = {"user": UNAUTHENTICATED, "model": NO_MODEL, "day": "?"}[by]
+    default = {"user": UNAUTHENTICATED, "model": NO_MODEL, "batch": NO_BATCH, "day": "?"}[by]
     groups = [
         UsageGroup(
             key=str(k) if k is not None else default,
@@ -195,12 +199,14 @@ def _group_expr(engine: Engine, by: str) -> ColumnElement[Any]:
         return usage.c.user
     if by == "model":
         return usage.c.model
+    if by == "batch":
+        return usage.c.batch_id
     if by == "day":
         if engine.dialect.name == "sqlite":
             # SQLAlchemy stores SQLite date-times as 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC
             return func.substr(usage.c.ts, 1, 10)
         return func.to_char(func.timezone("UTC", usage.c.ts), "YYYY-MM-DD")
-    raise ValueError(f"by={by!r}: must be user, day or model")
+    raise ValueError(f"by={by!r}: must be user, day, model or batch")
 
 
 def _period(since: datetime | None, until: datetime | None) -> ColumnElement[bool] | None:

@@ -7,6 +7,7 @@ import csv
 import importlib
 import io
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,14 @@ from teamgpu.metrics.usage_report import parse_since, usage_report
 from teamgpu.store.db import open_store
 from teamgpu.store.tables import usage as usage_table
 from tests.support.fake_backend import MODEL, ServerThread
-from tests.support.harness import Harness, start_gateway
+from tests.support.harness import Harness, start_gateway, wait_until
+from tests.support.observed import (
+    StandInHost,
+    batch_stats,
+    chat_lines,
+    paused_and_running_jobs,
+    submit_batch,
+)
 
 top_module = importlib.import_module("teamgpu.cli.top")  # the package exports the command `top`
 
@@ -34,12 +42,13 @@ TODAY = datetime(NOW.year, NOW.month, NOW.day, tzinfo=UTC)
 
 
 def row(ts: datetime, user: str | None, *, model: str | None = "m1", status: int = 200,
-        prompt: int = 10, completion: int = 20, ttft_ms: float | None = 100.0) -> dict[str, Any]:
+        prompt: int = 10, completion: int = 20, ttft_ms: float | None = 100.0,
+        batch_id: str | None = None, endpoint: str = "chat/completions") -> dict[str, Any]:
     return {"request_id": secrets.token_hex(8), "ts": ts, "user": user, "key_id": None,
-            "endpoint": "chat/completions", "model": model, "priority": "normal",
+            "endpoint": endpoint, "model": model, "priority": "normal",
             "stream": False, "status": status, "outcome": "ok" if status < 400 else "error",
             "prompt_tokens": prompt, "completion_tokens": completion, "queue_ms": 0.0,
-            "ttft_ms": ttft_ms, "total_ms": 500.0}
+            "ttft_ms": ttft_ms, "total_ms": 500.0, "batch_id": batch_id}
 
 
 def fill(engine: Any) -> None:
@@ -108,6 +117,60 @@ def test_usage_by_model_since_all(data_dir: Path) -> None:
     assert set(rows) == {"m1", "m2", "(none)"}
     assert rows["m2"]["requests"] == 2 and rows["m2"]["prompt_tokens"] == 1100
     assert rows["m1"]["requests"] == 4
+
+
+def test_usage_by_batch_tells_batch_items_apart(data_dir: Path) -> None:
+    """Batch items are usage (by user, by model) and ``--by batch`` groups them per job;
+    requests made directly are ``-``; the Batch API's own requests are not usage."""
+    t = TODAY + timedelta(minutes=2)
+    with open_store(f"sqlite:///{data_dir / 'teamgpu.db'}").begin() as conn:
+        conn.execute(insert(usage_table), [
+            row(t, "alice", batch_id="batch_a", prompt=3, completion=4),
+            row(t, "alice", batch_id="batch_a", status=404, model=None, prompt=0,
+                completion=0, ttft_ms=None),
+            row(t, "bob", batch_id="batch_b", model="m2", prompt=1, completion=1),
+            row(t, "bob", batch_id="batch_b", endpoint="batches.retrieve", prompt=0,
+                completion=0, ttft_ms=None),
+        ])
+    rows = {r["batch"]: r for r in usage_json(data_dir, "--by", "batch", "--since", "all")}
+    assert set(rows) == {"batch_a", "batch_b", "-"}
+    assert rows["batch_a"] == {"batch": "batch_a", "requests": 2, "prompt_tokens": 3,
+                               "completion_tokens": 4, "total_tokens": 7, "errors": 1,
+                               "p50_ttft_ms": 100.0}
+    assert rows["batch_b"]["requests"] == 1  # its batches.retrieve row is not usage
+    assert rows["-"]["requests"] == 7  # the rows of fill()
+    users = {r["user"]: r for r in usage_json(data_dir, "--by", "user")}
+    assert users["alice"]["requests"] == 3 + 2 and users["bob"]["requests"] == 1 + 1
+    models = {r["model"]: r for r in usage_json(data_dir, "--by", "model", "--since", "all")}
+    assert models["m2"]["requests"] == 3 and models["(none)"]["requests"] == 2
+    out = run(usage, "--by", "batch", "--since", "all", "--data-dir", str(data_dir)).output
+    assert "usage by batch" in out and "batch_a" in out
+    csv_out = run(usage, "--by", "batch", "--csv", "--data-dir", str(data_dir)).output
+    assert csv_out.splitlines()[0].startswith("batch,requests,")
+
+
+def test_usage_by_batch_and_model_after_a_real_batch(
+        clean_env: Path, fake_server: ServerThread, tmp_path: Path) -> None:
+    """A batch job through a real gateway: its items are audited with its id and counted
+    as usage of the served model, beside a request made directly."""
+    with start_gateway(tmp_path / "gw", [fake_server.url], batch_poll_interval_s=0.1) as h:
+        lines = chat_lines(3, prefix="usage")
+        lines.append({**lines[0], "custom_id": "bad",
+                      "body": {**lines[0]["body"], "model": "no-such-model"}})
+        batch_id = submit_batch(h, h.user_key, lines)
+        assert h.client("user").post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}]}).status_code == 200
+        wait_until(lambda: batch_stats(h, batch_id)["status"] == "completed", 20,
+                   "the batch to complete")
+        h.flush()
+        data = str(h.data_dir)
+    rows = {r["batch"]: r for r in usage_json(Path(data), "--by", "batch")}
+    assert set(rows) == {batch_id, "-"}
+    assert (rows[batch_id]["requests"], rows[batch_id]["errors"]) == (4, 1)
+    assert rows["-"]["requests"] == 1
+    models = {r["model"]: r for r in usage_json(Path(data), "--by", "model")}
+    assert models[MODEL]["requests"] == 3 + 1
+    assert sum(r["requests"] for r in models.values()) == 5  # the 404 item too
 
 
 def test_usage_since_a_date_until_a_date(data_dir: Path) -> None:
@@ -256,3 +319,72 @@ def test_top_fits_an_80_column_terminal(gw: Harness) -> None:
     text = console.export_text()
     assert f"today {stats['today']['date']}" in text  # the whole date, not cut
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+@pytest.fixture
+def busy_gw(fake_server: ServerThread, closed_port_url: str, tmp_path: Path
+            ) -> Iterator[tuple[Harness, str, str]]:
+    """A gateway serving the fake's model, ``sleepy`` (reported sleeping by a stand-in
+    engine host, two on-demand starts) and ``gone`` (down), with a paused and a running
+    batch job; yields it and the two jobs' ids."""
+    host = StandInHost({"sleepy": "sleeping"},
+                       {"sleepy": {"count": 2, "last_wait_s": 4.2, "waiting": 0}})
+    with start_gateway(tmp_path / "gw", [fake_server.url], host=host,
+                       declared={closed_port_url: ["sleepy", "gone"]},
+                       batch_poll_interval_s=0.1) as h:
+        paused, running = paused_and_running_jobs(h)
+        yield h, paused, running
+
+
+def line_of(out: str, word: str) -> str:
+    return next(line for line in out.splitlines() if word in line)
+
+
+def test_top_shows_the_models_and_the_batch_jobs(busy_gw: tuple[Harness, str, str]) -> None:
+    h, paused, running = busy_gw
+    out = run(top, "--url", h.url, "--key", h.admin_key, "--once").output
+    models = out[out.index("models"):out.index("batch jobs")]
+    ready = line_of(models, MODEL)
+    assert "ready" in ready and ready.split("│")[4].strip() == "3"  # in flight: the items
+    assert "sleeping" in line_of(models, "sleepy") and "2 (4.2 s)" in line_of(models, "sleepy")
+    assert "down" in line_of(models, "gone")
+    jobs = out[out.index("batch jobs"):]
+    p = [c.strip() for c in line_of(jobs, paused).split("│")]
+    assert p[1:4] == [paused, "erin", "paused to 00:00 UTC"]
+    assert p[4] == "████░░░░░░"  # 3 of 8 done, to the nearest tenth
+    assert p[5:7] == ["0", "5"] and re.fullmatch(r"\d+h\d\dm", p[7]), p  # ETA: the pause
+    assert "3/8 done" in jobs
+    r = [c.strip() for c in line_of(jobs, running).split("│")]
+    assert r[1:4] == [running, "alice", "in_progress"] and r[5:8] == ["3", "0", "–"], r
+    assert "0/3 done" in jobs
+
+
+def test_top_models_and_batch_jobs_fit_80_columns(busy_gw: tuple[Harness, str, str]) -> None:
+    from rich.console import Console
+
+    h, paused, _ = busy_gw
+    stats = h.client("admin").get("/stats").json()
+    console = Console(width=80, record=True, color_system=None)
+    console.print(top_module.render_stats(stats, h.url, 80))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    jobs = text[text.index("batch jobs"):]
+    header = line_of(jobs, "job, user")  # the user goes under the id, cut short
+    for c in ("status", "progress", "in flight", "queued", "ETA"):
+        assert c in header, c
+    assert paused[:10] in jobs and paused not in jobs
+    assert "sleeping" in text and "roles" not in text  # no room for the roles
+
+
+def test_top_without_batch_jobs_or_from_an_older_gateway(gw: Harness) -> None:
+    stats = gw.client("admin").get("/stats").json()
+    out = run(top, "--url", gw.url, "--key", gw.admin_key, "--once").output
+    assert "batch jobs: none running or ended in the last hour" in out
+    assert "models" in out and MODEL in line_of(out[out.index("models"):], MODEL)
+    older = {k: v for k, v in stats.items() if k not in ("models", "batches")}
+    from rich.console import Console
+
+    console = Console(width=120, record=True, color_system=None)
+    console.print(top_module.render_stats(older, gw.url, 120))
+    text = console.export_text()
+    assert "top users today" in text and "batch jobs" not in text

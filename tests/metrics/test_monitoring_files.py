@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from teamgpu.batch import JobStats
 from teamgpu.metrics import GatewayMetrics, NvmlSampler
 
 from .exposition import names
@@ -42,8 +43,16 @@ PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", 
 
 def gateway_names() -> set[str]:
     """Every sample and family name GatewayMetrics renders, every series populated."""
+    model = {"name": "m", "state": "ready", "in_flight": 1, "queued": 1,
+             "starts": {"count": 1, "last_wait_s": 1.0, "waiting": 0}}
+    job: JobStats = {"id": "batch_1", "user": "u", "endpoint": "/v1/chat/completions",
+                     "status": "in_progress",
+                     "items": {"total": 3, "queued": 1, "in_flight": 1, "done": 1, "failed": 0},
+                     "tokens": {"prompt": 1, "completion": 1, "total": 2}, "started_at": 1.0,
+                     "finished_at": None, "eta_s": 2.0, "paused_until": None}
     m = GatewayMetrics(queue_depth=lambda: {"high": 1}, inflight=lambda: {"http://b": 1},
-                       backend_up=lambda: {"http://b": True}, gpu=NvmlSampler(nvml=FakeNvml()))
+                       backend_up=lambda: {"http://b": True}, gpu=NvmlSampler(nvml=FakeNvml()),
+                       models=lambda: [model], batches=lambda: [job])
     m.request_done(user="u", model="m", endpoint="completions", priority="high", status=200,
                    prompt_tokens=1, completion_tokens=1, ttft_s=0.1, duration_s=0.2,
                    queue_wait_s=0.0)
@@ -106,6 +115,9 @@ def test_grafana_dashboard_is_valid_json_and_names_only_existing_metrics() -> No
                  "teamgpu_queue_wait_seconds_bucket", "teamgpu_request_duration_seconds_bucket",
                  "teamgpu_inter_token_latency_seconds_bucket",
                  "teamgpu_gpu_utilization_percent", "teamgpu_gpu_memory_used_bytes",
+                 "teamgpu_model_state", "teamgpu_model_inflight_requests",
+                 "teamgpu_model_queue_depth", "teamgpu_model_starts_total",
+                 "teamgpu_batch_items", "teamgpu_batch_eta_seconds", "teamgpu_batch_jobs",
                  "vllm:kv_cache_usage_perc", "vllm:num_requests_waiting",
                  "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"):
         assert name in used, name
@@ -167,3 +179,17 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
     prov = yaml.safe_load((MON / "grafana/provisioning/dashboards/teamgpu.yml").read_text())
     assert prov["providers"][0]["type"] == "file"
     assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/teamgpu"
+
+
+def test_every_gateway_metric_is_in_the_docs_table() -> None:
+    """docs/observability.md's metrics table has a row for each family /metrics may show."""
+    doc = (REPO / "docs" / "observability.md").read_text()
+    documented = set(re.findall(r"^\| `(teamgpu_\w+)` \|", doc, flags=re.MULTILINE))
+    m = GatewayMetrics(redis_errors=lambda: {"limiter": 0})
+    families = {line.split()[2] for line in m.render()[0].decode().splitlines()
+                if line.startswith("# TYPE ")}
+    exported = {n for n in gateway_names() | families
+                if n.startswith("teamgpu_") and n.split("_")[-1] not in ("bucket", "count",
+                                                                            "sum")}
+    assert exported <= documented, sorted(exported - documented)
+    assert {"teamgpu_model_state", "teamgpu_batch_items", "teamgpu_batch_jobs"} <= exported

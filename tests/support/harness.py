@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from teamgpu.api.pipeline import ModelHost
 from teamgpu.app import create_app
 from teamgpu.auth.keys import KeyStore
 from teamgpu.gateway import Gateway
@@ -153,9 +154,11 @@ class Harness:
 
 @contextlib.contextmanager
 def start_gateway(data_dir: Path, backends: list[str], *, gpu: GpuSource | None = None,
+                  host: ModelHost | None = None, declared: dict[str, list[str]] | None = None,
                   **settings: Any) -> Iterator[Harness]:
     """Serve a gateway on loopback in front of ``backends`` with ``settings`` overrides
-    (and ``gpu`` as the metrics' GPU source).
+    (and ``gpu`` as the metrics' GPU source; ``host`` and ``declared`` as ``teamgpu up``
+    passes them, see :meth:`teamgpu.gateway.Gateway.open`).
 
     Creates an admin key (user ``root``) and a user key (user ``alice``) in its store
     before it starts, as ``teamgpu up`` does with its first-run key.
@@ -165,7 +168,7 @@ def start_gateway(data_dir: Path, backends: list[str], *, gpu: GpuSource | None 
     keys = KeyStore(store)
     admin_key, _ = keys.create("root", admin=True)
     user_key, _ = keys.create("alice")
-    app = create_app(s, store=store, gpu=gpu)
+    app = create_app(s, store=store, gpu=gpu, host=host, declared=declared)
     with ServerThread(app) as thread:
         h = Harness(app=app, thread=thread, settings=s, admin_key=admin_key, user_key=user_key)
         try:

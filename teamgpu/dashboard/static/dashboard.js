@@ -17,6 +17,20 @@
   const ms = (s) => (s == null ? "–" : Math.round(s * 1000).toLocaleString("en-US") + " ms");
   const secs = (s) => (s == null ? "–" : s < 1 ? ms(s) : s.toFixed(1) + " s");
   const gib = (b) => (b == null ? "–" : (b / 1024 ** 3).toFixed(1) + " GiB");
+  // a span of seconds as "45 s", "12 min 05 s", "3 h 07 min"
+  const span = (s) => {
+    if (s == null) return "–";
+    const t = Math.round(s);
+    const two = (n) => String(n).padStart(2, "0");
+    if (t < 60) return t + " s";
+    if (t < 3600) return Math.floor(t / 60) + " min " + two(t % 60) + " s";
+    return Math.floor(t / 3600) + " h " + two(Math.floor((t % 3600) / 60)) + " min";
+  };
+  // badge colour of a model's state and of a batch job's status
+  const MODEL_BADGE = { ready: "ok", starting: "warn", restarting: "warn", sleeping: "idle",
+    stopped: "idle", failed: "bad", down: "bad" };
+  const JOB_BADGE = { in_progress: "ok", validating: "idle", finalizing: "idle",
+    cancelling: "warn", completed: "done", cancelled: "done", failed: "bad", expired: "bad" };
 
   function el(tag, text, cls) {
     const e = document.createElement(tag);
@@ -69,6 +83,8 @@
     renderUsers(s.users_today);
     renderGpus(s.gpu);
     renderBackends(s.backends);
+    renderModels(s.models || []);
+    renderBatches(s.batches || [], Date.parse(s.generated_at) / 1000);
     renderTokensChart(s.users_today);
     renderTtftChart(s.ttft.per_minute);
   }
@@ -137,6 +153,80 @@
       body.appendChild(row([
         [b.url, "mono"], state, [int(b.in_flight), "num"], [b.models.join(", ") || "–", ""],
       ], { "data-backend": b.url }));
+    }
+  }
+
+  function badge(text, colours) {
+    return el("span", text, "pill " + (colours[text] || ""));
+  }
+
+  function cell(child, cls) {
+    const td = document.createElement("td");
+    td.appendChild(child);
+    if (cls) td.className = cls;
+    return td;
+  }
+
+  function renderModels(models) {
+    const body = $("models").tBodies[0];
+    body.replaceChildren();
+    for (const m of models) {
+      let starts = "–";  // not a model that starts on demand
+      if (m.starts) {
+        starts = `${int(m.starts.count)} · last wait ${secs(m.starts.last_wait_s)}`;
+        if (m.starts.waiting) starts += ` · ${int(m.starts.waiting)} waiting`;
+      }
+      const tr = row([
+        [m.name, "name mono"], [m.roles.join(", ") || "–", "roles"],
+      ], { "data-model": m.name, "data-state": m.state });
+      tr.appendChild(cell(badge(m.state, MODEL_BADGE), "state"));
+      for (const [text, cls] of [
+        [m.backends.join(", ") || "–", "backends mono"], [int(m.in_flight), "num inflight"],
+        [int(m.queued), "num queued"], [m.capacity == null ? "–" : int(m.capacity), "num capacity"],
+        [starts, "starts small"],
+      ]) tr.appendChild(el("td", text, cls));
+      body.appendChild(tr);
+    }
+  }
+
+  // done (green) and failed (red) as shares of the job's items
+  function progress(items) {
+    const box = el("div", null, "");
+    const outer = el("div", null, "bar progress");
+    for (const [n, cls] of [[items.done, "fill done"], [items.failed, "fill failed"]]) {
+      const f = el("div", null, cls);
+      f.style.width = (items.total ? (100 * n) / items.total : 0).toFixed(1) + "%";
+      outer.appendChild(f);
+    }
+    box.appendChild(outer);
+    box.appendChild(el("div", `${int(items.done)} done · ${int(items.failed)} failed / ` +
+      `${int(items.total)}`, "small counts"));
+    return box;
+  }
+
+  function renderBatches(jobs, now) {
+    const body = $("batches").tBodies[0];
+    body.replaceChildren();
+    if (!jobs.length) {
+      body.appendChild(row([["no batch job running or ended in the last hour", "muted"]]));
+      return;
+    }
+    const when = (t) => new Date(t * 1000).toLocaleString([], { month: "short", day: "numeric",
+      hour: "2-digit", minute: "2-digit" });
+    for (const j of jobs) {
+      // a paused job resumes only when its pause ends: the ETA counts the pause
+      let eta = j.eta_s;
+      if (eta != null && j.paused_until) eta += Math.max(0, j.paused_until - now);
+      const tr = row([
+        [j.id, "id mono"], [j.user, "user"], [j.endpoint, "endpoint mono"],
+      ], { "data-batch": j.id, "data-status": j.status });
+      tr.appendChild(cell(badge(j.status, JOB_BADGE), "status"));
+      tr.appendChild(cell(progress(j.items), "progress"));
+      for (const [text, cls] of [
+        [int(j.items.in_flight), "num inflight"], [int(j.items.queued), "num queued"],
+        [span(eta), "num eta"], [j.paused_until ? when(j.paused_until) : "–", "paused small"],
+      ]) tr.appendChild(el("td", text, cls));
+      body.appendChild(tr);
     }
   }
 
