@@ -214,9 +214,9 @@ class Pipeline:
         served = self.resolve_model(model, principal)
         ctx.model = served
         ctx.model_served = True
+        spec = adapter.read(payload, settings.default_max_tokens)  # 400s before any start
         if self.host is not None:  # a model that starts on demand starts now
             await guard.run(self.host.ensure_ready(served))
-        spec = adapter.read(payload, settings.default_max_tokens)
         ctx.stream = spec.stream
         ctx.priority = priority if priority is not None else request_priority(priority_header,
                                                                                 principal)
