@@ -372,6 +372,10 @@ class Pipeline:
         body = orjson.dumps(payload)
         headers = {"content-type": "application/json", "accept-encoding": "identity",
                    "x-request-id": ctx.request_id}
+        if isinstance(payload.get("priority"), int):
+            # vLLM reads the header before the body field, and its Messages request model
+            # drops a body ``priority`` (it has none): the header reaches every endpoint
+            headers["x-vllm-priority"] = str(payload["priority"])
         # prefix affinity only matters when there is a choice of backend (docs/gateway.md)
         route_key = routing_key(adapter.endpoint, payload) \
             if len(self.pool.candidates(served)) > 1 else None
