@@ -26,7 +26,8 @@ with a ``fake`` object in its body, which the gateway passes through like any un
                                       # vLLM with a dead engine core (FakeBackend.engine_dead)
 
 ``FakeBackend.requests`` records every request received as ``{"path", "body",
-"request_id"}`` (the ``X-Request-Id`` the gateway sent; ``body`` is ``{}`` for the
+"request_id", "vllm_priority"}`` (the ``X-Request-Id`` and ``X-Vllm-Priority`` headers the
+gateway sent, or None; ``body`` is ``{}`` for the
 body-less ``GET``/``cancel`` of a stored response), and ``active`` counts the
 generations in progress, streamed or not (a disconnect by the gateway shows up as
 ``aborted``). ``responses`` holds the Responses API objects it keeps (as vLLM does with
@@ -104,7 +105,9 @@ class FakeBackend:
                         "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": body})
             return
-        rid_header = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1") or None
+        headers = dict(scope["headers"])
+        rid_header = headers.get(b"x-request-id", b"").decode("latin-1") or None
+        vllm_priority = headers.get(b"x-vllm-priority", b"").decode("latin-1") or None
         if path.startswith("/v1/responses/"):  # a stored response: no body
             if self.record:
                 self.requests.append({"path": path, "body": {}, "request_id": rid_header})
@@ -132,7 +135,8 @@ class FakeBackend:
                                "tokens": list(range(n)), "token_strs": None})
             return
         if self.record:
-            self.requests.append({"path": path, "body": req, "request_id": rid_header})
+            self.requests.append({"path": path, "body": req, "request_id": rid_header,
+                                  "vllm_priority": vllm_priority})
         fake = req.get("fake") or {}
         if fake.get("engine_dead"):
             self.engine_dead = True
