@@ -196,7 +196,7 @@ class Pipeline:
         if settings.store_prompts:
             ctx.prompt_text = adapter.prompt_text(payload)
         ctx.est_prompt_tokens = spec.est_prompt_tokens
-        pinned = await adapter.locate(principal, payload)  # 404: state of another user
+        pinned = await adapter.locate(principal, payload, served)  # 404: another's state
         strip_usage = adapter.prepare(payload, spec, served=served)
         limits = self.limits.for_key(principal)
         exact_prompt: int | None = None

@@ -13,8 +13,8 @@ tokens would escape the key's limits, the fair share and the audit row).
 
 A response created with ``store`` on (the API's default) belongs to the user whose key
 created it: the gateway records it (:class:`teamgpu.store.responses.ResponseStore`) when
-the answer names its id, and a ``previous_response_id`` of another user, or an unknown one,
-is 404 (param ``previous_response_id``). A request that continues a stored response goes
+the answer names its id, and a ``previous_response_id`` of another user, of another model
+than the request's, or an unknown one, is 404 (param ``previous_response_id``). A request that continues a stored response goes
 to the backend that holds it.
 """
 
@@ -170,12 +170,16 @@ class Responses(ProtocolAdapter):
             max_output_tokens=positive_int(payload, "max_output_tokens") or default_max_tokens,
             est_prompt_tokens=estimate_tokens(payload, self.prompt_keys))
 
-    async def locate(self, principal: Principal, payload: dict[str, Any]) -> str | None:
+    async def locate(self, principal: Principal, payload: dict[str, Any],
+                     served: str) -> str | None:
         prev = payload.get("previous_response_id")
         if not isinstance(prev, str):
             return None
         rec = await self._call(self.store.get, prev)
-        if rec is None or rec.deleted_at is not None or rec.user != principal.user:
+        # a response of another model lives on that model's engine: the engines of
+        # ``served`` do not hold it (and the key may not be allowed that model)
+        if rec is None or rec.deleted_at is not None or rec.user != principal.user \
+                or rec.model != served:
             raise NotFound(f"Previous response with id {prev!r} not found.",
                            param="previous_response_id")
         return rec.backend
