@@ -237,6 +237,14 @@ def test_update_changes_access_at_the_next_request(setup: Setup, clean_env: Path
         == 200
 
 
+def test_a_rotated_key_keeps_its_models(setup: Setup, clean_env: Path) -> None:
+    h = setup.gateway
+    new_key(h, "kim", "coder")
+    out = json.loads(keys_cli(h, "rotate", "kim", "--json"))
+    assert out["models"] == ["coder"]
+    assert ids(h.client(out["key"])) == [B, "coder"]
+
+
 def test_keys_list_shows_the_models(setup: Setup, clean_env: Path) -> None:
     h = setup.gateway
     new_key(h, "ivy", f"{A},coder")

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from openai.types.responses import (
     ResponseCompletedEvent,
+    ResponseErrorEvent,
     ResponseInputMessageItem,
     ResponseInputText,
     ResponseTextDeltaEvent,
@@ -336,6 +337,27 @@ def test_client_disconnect_mid_stream_aborts_the_generation(setup: Setup) -> Non
     resp_id = created["response"]["id"]
     assert resp_id not in fake.responses
     assert h.gw.responses.store.get(resp_id) is None
+
+
+def test_a_stream_that_breaks_ends_with_an_error_event(setup: Setup) -> None:
+    """The Responses API's own error event (``type``, ``code``, ``message``, ``param``),
+    named by an ``event:`` line like every other event; the SDK reads it as such."""
+    h = setup.gateway
+    body = {"model": MODEL, "input": "x", "stream": True, "fake": {"tokens": 6, "break_after": 2}}
+    with h.client().stream("POST", "/v1/responses", json=body) as r:
+        raw = r.read()
+    head, data = raw.split(b"\n\n")[-2].split(b"\n", 1)
+    assert head == b"event: error"
+    obj = orjson.loads(data[len(b"data: "):])
+    assert obj["type"] == "error" and obj["code"] == "backend_error" and obj["message"]
+    assert "error" not in obj  # not chat's {"error": {...}}
+    row = h.wait_row(r.headers["x-request-id"])
+    assert (row["status"], row["outcome"], row["completion_tokens"]) == (200, "backend_error", 2)
+    events = list(sdk(h).responses.create(model=MODEL, input="x", stream=True,
+                                          extra_body={"fake": {"tokens": 6, "break_after": 2}}))
+    assert isinstance(events[-1], ResponseErrorEvent), events[-1]
+    assert events[-1].code == "backend_error"
+    assert sum(isinstance(e, ResponseTextDeltaEvent) for e in events) == 2
 
 
 def test_no_backend_up_is_503_with_retry_after(tmp_path: Path, closed_port_url: str) -> None:
