@@ -360,6 +360,22 @@ def test_a_stream_that_breaks_ends_with_an_error_event(setup: Setup) -> None:
     assert sum(isinstance(e, ResponseTextDeltaEvent) for e in events) == 2
 
 
+def test_a_rate_limited_key_gets_429_with_retry_after(setup: Setup) -> None:
+    h = setup.gateway
+    key, _ = h.gw.keys.create("rationed", limits={"rpm": 1})
+    c = sdk(h, key)
+    c.responses.create(model=MODEL, input="one")
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError) as exc:
+            c.responses.create(model=MODEL, input="two", stream=stream)
+        err = assert_openai_error(exc.value.response, 429)
+        assert err["type"] == "rate_limit_error"
+        assert int(exc.value.response.headers["retry-after"]) >= 1
+        row = h.wait_row(rid_of(exc.value))
+        assert (row["endpoint"], row["status"], row["outcome"]) == ("responses", 429,
+                                                                    "rate_limited")
+
+
 def test_no_backend_up_is_503_with_retry_after(tmp_path: Path, closed_port_url: str) -> None:
     with start_gateway(tmp_path / "gw", [closed_port_url]) as h:
         for stream in (False, True):
