@@ -69,8 +69,8 @@ def sdk(h: Harness, *, api_key: str | None = None, auth_token: str | None = None
         ) -> anthropic.Anthropic:
     if api_key is None and auth_token is None:
         api_key = h.user_key
-    return anthropic.Anthropic(base_url=h.url, api_key=api_key, auth_token=auth_token,
-                               max_retries=0, timeout=10)
+    return h.keep(anthropic.Anthropic(base_url=h.url, api_key=api_key, auth_token=auth_token,
+                                      max_retries=0, timeout=10))
 
 
 def rid_of(exc: anthropic.APIStatusError) -> str:

@@ -161,7 +161,7 @@ def test_the_sdks_see_the_same_404(setup: Setup, clean_env: Path,
             monkeypatch.delenv(k)
     h = setup.gateway
     key = new_key(h, "gina", A)
-    o = openai.OpenAI(base_url=f"{h.url}/v1", api_key=key, max_retries=0, timeout=10)
+    o = h.keep(openai.OpenAI(base_url=f"{h.url}/v1", api_key=key, max_retries=0, timeout=10))
     for model in (B, "nope"):
         with pytest.raises(openai.NotFoundError):
             o.chat.completions.create(model=model, messages=HI)  # type: ignore[arg-type]
@@ -169,7 +169,7 @@ def test_the_sdks_see_the_same_404(setup: Setup, clean_env: Path,
             o.responses.create(model=model, input="hi")
         with pytest.raises(openai.NotFoundError):
             o.models.retrieve(model)
-    a = anthropic.Anthropic(base_url=h.url, api_key=key, max_retries=0, timeout=10)
+    a = h.keep(anthropic.Anthropic(base_url=h.url, api_key=key, max_retries=0, timeout=10))
     for model in (B, "nope"):
         with pytest.raises(anthropic.NotFoundError):
             a.messages.create(model=model, max_tokens=4, messages=HI)  # type: ignore[arg-type]

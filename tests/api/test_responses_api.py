@@ -59,8 +59,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 
 def sdk(h: Harness, key: str | None = None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{h.url}/v1", api_key=key or h.user_key, max_retries=0,
-                         timeout=10)
+    return h.keep(openai.OpenAI(base_url=f"{h.url}/v1", api_key=key or h.user_key,
+                                max_retries=0, timeout=10))
 
 
 def rid_of(exc: openai.APIStatusError) -> str:

@@ -107,8 +107,8 @@ def test_the_sdk_assembles_the_calls(gateway: Harness, monkeypatch: pytest.Monke
     for k in list(os.environ):
         if k.startswith("OPENAI_"):
             monkeypatch.delenv(k)
-    sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.user_key,
-                        max_retries=0, timeout=10)
+    sdk = gateway.keep(openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.user_key,
+                                     max_retries=0, timeout=10))
     with sdk.chat.completions.stream(
             model=MODEL, messages=[{"role": "user", "content": "Weather and time?"}],
             tools=TOOLS,  # type: ignore[arg-type]

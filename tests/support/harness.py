@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -67,6 +67,13 @@ def sse_events(raw: bytes) -> list[bytes]:
 def event_data(ev: bytes) -> bytes:
     assert ev.startswith(b"data: "), ev
     return ev[len(b"data: "):].rstrip(b"\n")
+
+
+class _HasClose(Protocol):
+    def close(self) -> object: ...
+
+
+_Closable = TypeVar("_Closable", bound=_HasClose)
 
 
 class HTTPAnswer(Protocol):
@@ -128,6 +135,7 @@ class Harness:
     user_key: str
     user: str = "alice"
     _clients: list[httpx.Client] = field(default_factory=list)
+    _closers: list[Callable[[], object]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -181,10 +189,18 @@ class Harness:
         assert len(rows) == 1, rows
         return rows[0]
 
+    def keep(self, client: _Closable) -> _Closable:
+        """``client`` (an SDK client), closed with the harness's own clients."""
+        self._closers.append(client.close)
+        return client
+
     def close_clients(self) -> None:
         for c in self._clients:
             c.close()
         self._clients.clear()
+        for close in self._closers:
+            close()
+        self._closers.clear()
 
 
 @contextlib.contextmanager
