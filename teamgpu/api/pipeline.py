@@ -296,12 +296,21 @@ class Pipeline:
                 retry_after_s=self.settings.backend_down_retry_after_s,
                 code="backend_unavailable",
             )
+        raise self.model_not_found(model, principal)
+
+    def model_not_found(self, model: str, principal: Principal) -> ModelNotFound:
+        """The one 404 of a model ``principal`` may not use or that does not exist, on
+        every endpoint and on ``/v1/models/{model}``: it lists the names the key may use."""
         names = self.names_for(principal)
-        raise ModelNotFound(
+        if names:
+            available = ", ".join(names)
+        elif principal.models is not None and self.pool.any_up():
+            available = "(none: none of this key's models is served now)"
+        else:
+            available = "(none: no backend is up)"
+        return ModelNotFound(
             f"The model {model!r} does not exist or is not served here. "
-            f"Models available to this key: {', '.join(names) or '(none: no backend is up)'}",
-            param="model",
-        )
+            f"Models available to this key: {available}", param="model")
 
     @contextlib.asynccontextmanager
     async def admitted(self, ctx: RequestCtx, served: str, spec: RequestSpec,

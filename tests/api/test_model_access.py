@@ -237,6 +237,17 @@ def test_update_changes_access_at_the_next_request(setup: Setup, clean_env: Path
         == 200
 
 
+def test_a_key_whose_models_are_not_served_is_told_so(setup: Setup, clean_env: Path) -> None:
+    h = setup.gateway
+    c = h.client(new_key(h, "lee", "retired-model"))
+    assert ids(c) == []
+    for r in (c.post("/v1/chat/completions", json={"model": A, "messages": HI}),
+              c.get(f"/v1/models/{A}")):
+        err = assert_openai_error(r, 404, param="model", code="model_not_found")
+        assert err["message"].endswith(
+            "Models available to this key: (none: none of this key's models is served now)")
+
+
 def test_a_rotated_key_keeps_its_models(setup: Setup, clean_env: Path) -> None:
     h = setup.gateway
     new_key(h, "kim", "coder")
