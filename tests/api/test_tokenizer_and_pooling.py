@@ -121,6 +121,8 @@ def test_tokenizer_calls_are_neither_limited_nor_scheduled(setup: Setup) -> None
 
 
 def test_tokenizer_rows_are_not_usage(setup: Setup, clean_env: Path) -> None:
+    """Neither the usage report (``/stats``, the dashboard) nor ``teamgpu usage`` counts
+    tokenizer calls, Anthropic's ``count_tokens`` included."""
     h = setup.gateway
     before_report = {g.key: g for g in usage_report(h.gw.store)}
     before_cli = by_user(usage_cli(h))
@@ -131,6 +133,10 @@ def test_tokenizer_rows_are_not_usage(setup: Setup, clean_env: Path) -> None:
     for path in DETOKENIZE_PATHS:
         rids.append(h.client().post(path, json={"model": MODEL, "tokens": [1]})
                     .headers["x-request-id"])
+    r = h.client().post("/v1/messages/count_tokens", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    rids.append(r.headers["x-request-id"])
     for rid in rids:
         h.wait_row(rid)
     after_report = {g.key: g for g in usage_report(h.gw.store)}
