@@ -14,8 +14,8 @@ tokens would escape the key's limits, the fair share and the audit row).
 A response created with ``store`` on (the API's default) belongs to the user whose key
 created it: the gateway records it (:class:`teamgpu.store.responses.ResponseStore`) when
 the answer names its id, and a ``previous_response_id`` of another user, of another model
-than the request's, or an unknown one, is 404 (param ``previous_response_id``). A request that continues a stored response goes
-to the backend that holds it.
+than the request's, or an unknown one, is 404 (param ``previous_response_id``). A request
+that continues a stored response goes to the backend that holds it.
 """
 
 from __future__ import annotations
