@@ -1,4 +1,6 @@
-"""Rendering errors as responses: OpenAI's shape, with the request id and Retry-After."""
+"""Rendering errors as responses: OpenAI's shape, with the request id and Retry-After;
+Anthropic's shape on the paths of Anthropic's API (:mod:`teamgpu.api.anthropic_errors`),
+the route-level 404 and 405 and the 500 of a server bug included."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from teamgpu.api.anthropic_errors import anthropic_error_body, is_anthropic_path
 from teamgpu.api.request_id import new_request_id
 from teamgpu.errors import GatewayError, error_json
 
@@ -31,20 +34,22 @@ def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> 
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405 in OpenAI's shape."""
+    """Starlette's own 404/405 in OpenAI's shape (Anthropic's under ``/v1/messages``)."""
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     msg = exc.detail if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
-    return Response(
-        error_json(str(msg), "invalid_request_error", None, code),
-        exc.status_code,
-        headers=dict(exc.headers or {}),
-        media_type="application/json",
-    )
+    body = anthropic_error_body(exc.status_code, str(msg)) \
+        if is_anthropic_path(request.url.path) \
+        else error_json(str(msg), "invalid_request_error", None, code)
+    return Response(body, exc.status_code, headers=dict(exc.headers or {}),
+                    media_type="application/json")
 
 
 async def gateway_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
+    if is_anthropic_path(request.url.path):
+        return Response(anthropic_error_body(exc.status, exc.message), exc.status,
+                        headers=dict(exc.headers), media_type="application/json")
     return error_response(exc)
 
 
@@ -57,10 +62,7 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     rid = (request.scope.get("state") or {}).get("request_id") or new_request_id()
     log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path,
                   rid, exc_info=exc)
-    return Response(
-        error_json("internal gateway error; see the gateway log", "server_error", None,
-                   "internal_error"),
-        500,
-        headers={"X-Request-Id": rid},
-        media_type="application/json",
-    )
+    message = "internal gateway error; see the gateway log"
+    body = anthropic_error_body(500, message) if is_anthropic_path(request.url.path) \
+        else error_json(message, "server_error", None, "internal_error")
+    return Response(body, 500, headers={"X-Request-Id": rid}, media_type="application/json")

@@ -224,7 +224,7 @@ class Pipeline:
         if settings.store_prompts:
             ctx.prompt_text = adapter.prompt_text(payload)
         ctx.est_prompt_tokens = spec.est_prompt_tokens
-        pinned = await adapter.locate(principal, payload)  # 404: state of another user
+        pinned = await adapter.locate(principal, payload, served)  # 404: another's state
         strip_usage = adapter.prepare(payload, spec, served=served)
         limits = self.limits.for_key(principal)
         exact_prompt: int | None = None
@@ -326,12 +326,21 @@ class Pipeline:
                 retry_after_s=self.settings.backend_down_retry_after_s,
                 code="backend_unavailable",
             )
+        raise self.model_not_found(model, principal)
+
+    def model_not_found(self, model: str, principal: Principal) -> ModelNotFound:
+        """The one 404 of a model ``principal`` may not use or that does not exist, on
+        every endpoint and on ``/v1/models/{model}``: it lists the names the key may use."""
         names = self.names_for(principal)
-        raise ModelNotFound(
+        if names:
+            available = ", ".join(names)
+        elif principal.models is not None and self.pool.any_up():
+            available = "(none: none of this key's models is served now)"
+        else:
+            available = "(none: no backend is up)"
+        return ModelNotFound(
             f"The model {model!r} does not exist or is not served here. "
-            f"Models available to this key: {', '.join(names) or '(none: no backend is up)'}",
-            param="model",
-        )
+            f"Models available to this key: {available}", param="model")
 
     @contextlib.asynccontextmanager
     async def admitted(self, ctx: RequestCtx, served: str, spec: RequestSpec,
@@ -406,6 +415,10 @@ class Pipeline:
         body = orjson.dumps(payload)
         headers = {"content-type": "application/json", "accept-encoding": "identity",
                    "x-request-id": ctx.request_id}
+        if isinstance(payload.get("priority"), int):
+            # vLLM reads the header before the body field, and its Messages request model
+            # drops a body ``priority`` (it has none): the header reaches every endpoint
+            headers["x-vllm-priority"] = str(payload["priority"])
         # prefix affinity only matters when there is a choice of backend (docs/gateway.md)
         route_key = routing_key(adapter.endpoint, payload) \
             if len(self.pool.candidates(served)) > 1 else None

@@ -16,7 +16,7 @@ from teamgpu.api.adapters.openai import RERANK, SCORE
 from teamgpu.api.adapters.tokens import COUNT_TOKENS, DETOKENIZE, TOKENIZE
 from teamgpu.api.errors import error_response, json_response
 from teamgpu.auth.keys import Principal
-from teamgpu.errors import GatewayError, ModelNotFound, ServiceUnavailable
+from teamgpu.errors import GatewayError, ServiceUnavailable
 
 if TYPE_CHECKING:
     from teamgpu.gateway import Gateway
@@ -99,13 +99,10 @@ async def model(request: Request) -> Response:
     name = request.path_params["model"]
 
     def answer(gw: Gateway, principal: Principal) -> Response:
-        listing = _listing(gw, principal)
-        for card in listing:
+        for card in _listing(gw, principal):
             if card["id"] == name:
                 return json_response(card)
-        raise ModelNotFound(
-            f"The model {name!r} does not exist or is not served here. Models available "
-            f"to this key: {', '.join(c['id'] for c in listing) or '(none)'}", param="model")
+        raise gw.pipeline.model_not_found(name, principal)
 
     return await _audited(request, "models", answer)
 

@@ -1,5 +1,6 @@
 """Stored Responses API objects: retrieve, cancel, delete and input items, for the user whose
-key created them only (anyone else gets 404, as for an unknown id).
+key created them only (anyone else gets 404, as for an unknown id; so does a key of that
+user limited to other models than the response's, ``keys --models``).
 
 ``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel`` go to the backend that
 holds the response (vLLM keeps it in the engine's memory); ``DELETE`` and
@@ -45,7 +46,8 @@ async def _owned(request: Request, endpoint: str, answer: Answer) -> Response:
     try:
         ctx.principal = p = await gw.auth.authenticate(request)
         rec = await _record(gw, rid)
-        if rec is None or rec.deleted_at is not None or rec.user != p.user:
+        if rec is None or rec.deleted_at is not None or rec.user != p.user \
+                or not _may_use(gw, p, rec.model):
             raise NotFound(f"Response with id {rid!r} not found.", param="response_id",
                            code="response_not_found")
         ctx.model, ctx.model_served, ctx.backend = rec.model, True, rec.backend
@@ -55,6 +57,13 @@ async def _owned(request: Request, endpoint: str, answer: Answer) -> Response:
         return error_response(exc)
     await gw.recorder.record(ctx, status=response.status_code, outcome="ok")
     return response
+
+
+def _may_use(gw: Gateway, p: Principal, model: str) -> bool:
+    """Whether the key may use ``model`` (a served name): a key limited to other models
+    sees its user's responses of this one as unknown ids, as it sees the model itself."""
+    allowed = gw.pipeline.models_for(p)
+    return allowed is None or model in allowed or model in (p.models or ())
 
 
 async def _record(gw: Gateway, rid: str) -> ResponseRecord | None:

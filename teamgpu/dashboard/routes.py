@@ -325,6 +325,7 @@ def _key_json(k: Principal, now: datetime) -> dict[str, Any]:
         "max_priority": k.max_priority.label,
         "default_priority": k.default_priority.label,
         "weight": k.weight,
+        "models": list(k.models) if k.models is not None else None,  # None: every model
     }
 
 

@@ -115,6 +115,18 @@ def test_keys_are_listed_without_secrets(dash: Harness) -> None:
     assert "key_hash" not in body
 
 
+def test_keys_show_their_models(dash: Harness) -> None:
+    """``keys --models``: the list of a limited key, None (every model) for the others;
+    the page has the column."""
+    dash.gw.keys.create("lim", models=[MODEL, "coder"])
+    c, _ = sign_in(dash)
+    keys = {k["user"]: k for k in c.get("/dashboard/api/keys").json()["keys"]}
+    assert keys["lim"]["models"] == [MODEL, "coder"]
+    assert keys["alice"]["models"] is None and keys["root"]["models"] is None
+    assert "<th>models</th>" in c.get("/dashboard").text
+    assert 'k.models ? k.models.join(", ") : "all"' in (STATIC / "dashboard.js").read_text()
+
+
 def test_revoke_needs_the_csrf_token(dash: Harness) -> None:
     c, _csrf = sign_in(dash)
     alice = next(k for k in c.get("/dashboard/api/keys").json()["keys"] if k["user"] == "alice")

@@ -29,6 +29,8 @@ Engine flags, and why:
   first, with the figure, rather than as a wrong answer.
 - ``--max-num-seqs 16`` and ``--max-model-len 2048`` with ``VLLM_CPU_KVCACHE_SPACE=1``
   (1 GiB of KV cache): about 1.4 GB resident, enough for the concurrency tests.
+- ``VLLM_ENABLE_RESPONSES_API_STORE=1``: vLLM keeps Responses API objects (for
+  ``GET /v1/responses/{id}`` and ``previous_response_id``), as ``teamgpu up`` has it.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ HERE = Path(__file__).parent
 REPO = HERE.parents[1]
 SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 ENGINE_ARGS = ("--enforce-eager", "--max-num-seqs", "16", "--max-model-len", "2048")
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# VLLM_ENABLE_RESPONSES_API_STORE: vLLM keeps Responses API objects (retrieve,
+# previous_response_id) only with it, as ``teamgpu up`` runs the engine
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 20.0
 # pytest-timeout counts a fixture's set-up against the test that first asks for it, and

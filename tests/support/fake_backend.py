@@ -4,8 +4,11 @@ Plain ASGI, no framework. It answers ``/health``, ``/v1/models``, ``/v1/chat/com
 ``/v1/completions`` (streaming or not, with ``stream_options.include_usage`` handled as
 vLLM does), ``/v1/embeddings``, ``/metrics`` and ``/tokenize`` (its ``count`` equals the
 ``prompt_tokens`` the answer will report; ``FakeBackend(tokenize=False)`` answers 404, as
-an engine without it). A request may steer it with a ``fake``
-object in its body, which the gateway passes through like any unknown field:
+an engine without it). It also answers vLLM 0.32's other client APIs, in vLLM's shapes:
+``/v1/responses`` (with ``GET /v1/responses/{id}`` and ``.../cancel``), ``/v1/messages``,
+``/v1/messages/count_tokens``, ``/detokenize``, ``/v1/score`` and ``/v1/rerank``, and a chat
+stream of parallel tool calls (see :mod:`tests.support.fake_apis`). A request may steer it
+with a ``fake`` object in its body, which the gateway passes through like any unknown field:
 
     {"fake": {"tokens": 5,            # completion tokens to produce (default 4)
               "delay_s": 0.0,         # pause before each token
@@ -18,13 +21,17 @@ object in its body, which the gateway passes through like any unknown field:
               "pause_after": null,    # stream: after N tokens, fall silent for pause_s
               "pause_s": 1.0,
               "no_done": false,       # stream: end without data: [DONE]
+              "tool_calls": 0,        # chat stream: answer with N (1-3) parallel tool calls
               "engine_dead": false}}  # from now on answer 500 (requests and /health) as
                                       # vLLM with a dead engine core (FakeBackend.engine_dead)
 
 ``FakeBackend.requests`` records every request received as ``{"path", "body",
-"request_id"}`` (the ``X-Request-Id`` the gateway sent), and ``active`` counts the
+"request_id", "vllm_priority"}`` (the ``X-Request-Id`` and ``X-Vllm-Priority`` headers the
+gateway sent, or None; ``body`` is ``{}`` for the
+body-less ``GET``/``cancel`` of a stored response), and ``active`` counts the
 generations in progress, streamed or not (a disconnect by the gateway shows up as
-``aborted``).
+``aborted``). ``responses`` holds the Responses API objects it keeps (as vLLM does with
+``VLLM_ENABLE_RESPONSES_API_STORE=1``; ``FakeBackend(responses_store=False)`` keeps none).
 """
 
 from __future__ import annotations
@@ -38,6 +45,15 @@ from typing import Any, Self
 
 import orjson
 
+from tests.support import fake_apis
+from tests.support.fake_io import disconnected_within as _disconnected_within
+from tests.support.fake_io import err as _err
+from tests.support.fake_io import prompt_token_count
+from tests.support.fake_io import send_json as _json
+
+__all__ = ["ENGINE_DEAD_MESSAGE", "MODEL", "FakeBackend", "ServerThread", "free_port",
+           "prompt_token_count"]
+
 MODEL = "fake-model"
 # vLLM 0.32's EngineDeadError text (vllm/v1/engine/exceptions.py)
 ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) for the root cause."
@@ -45,7 +61,7 @@ ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) 
 
 class FakeBackend:
     def __init__(self, model: str = MODEL, max_model_len: int = 2048, record: bool = True,
-                 tokenize: bool = True) -> None:
+                 tokenize: bool = True, responses_store: bool = True) -> None:
         self.model = model
         self.max_model_len = max_model_len
         self.record = record
@@ -56,6 +72,9 @@ class FakeBackend:
         self.aborted = 0
         self.healthy = True
         self.engine_dead = False  # vLLM with a dead engine core: 500 everywhere
+        self.responses_store = responses_store
+        self.responses: dict[str, dict[str, Any]] = {}  # Responses API objects kept
+        self.background: dict[str, asyncio.Future[None]] = {}  # background responses
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -88,6 +107,17 @@ class FakeBackend:
                         "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": body})
             return
+        headers = dict(scope["headers"])
+        rid_header = headers.get(b"x-request-id", b"").decode("latin-1") or None
+        vllm_priority = headers.get(b"x-vllm-priority", b"").decode("latin-1") or None
+        if path.startswith("/v1/responses/"):  # a stored response: no body
+            if self.record:
+                self.requests.append({"path": path, "body": {}, "request_id": rid_header})
+            if self.engine_dead:
+                await _json(send, _err(ENGINE_DEAD_MESSAGE, 500), 500)
+                return
+            await fake_apis.responses_item(self, scope["method"], path, send)
+            return
         body = b""
         while True:
             msg = await receive()
@@ -107,8 +137,8 @@ class FakeBackend:
                                "tokens": list(range(n)), "token_strs": None})
             return
         if self.record:
-            rid_header = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-            self.requests.append({"path": path, "body": req, "request_id": rid_header or None})
+            self.requests.append({"path": path, "body": req, "request_id": rid_header,
+                                  "vllm_priority": vllm_priority})
         fake = req.get("fake") or {}
         if fake.get("engine_dead"):
             self.engine_dead = True
@@ -117,7 +147,29 @@ class FakeBackend:
             await _json(send, _err(ENGINE_DEAD_MESSAGE, 500), 500)
             return
         if fake.get("status"):
-            await _json(send, _err(f"fake error {fake['status']}", fake["status"]), fake["status"])
+            message, status = f"fake error {fake['status']}", fake["status"]
+            if path.startswith("/v1/messages"):  # vLLM translates to Anthropic's shape there
+                await _json(send, fake_apis.anthropic_err(message, status), status)
+            else:
+                await _json(send, _err(message, status), status)
+            return
+        if path == "/v1/responses":
+            await fake_apis.responses_create(self, req, fake, send, receive)
+            return
+        if path == "/v1/messages":
+            await fake_apis.messages(self, req, fake, send, receive, rid_header)
+            return
+        if path == "/v1/messages/count_tokens":
+            await fake_apis.count_tokens(self, req, send)
+            return
+        if path == "/detokenize" and self.tokenize:
+            await fake_apis.detokenize(self, req, send)
+            return
+        if path == "/v1/score":
+            await fake_apis.score(self, req, send)
+            return
+        if path == "/v1/rerank":
+            await fake_apis.rerank(self, req, send)
             return
         if path == "/v1/embeddings":
             inp = req.get("input")
@@ -146,6 +198,9 @@ class FakeBackend:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tok,
                  "total_tokens": prompt_tokens + n_tok}
         rid = "cmpl-fake"
+        if chat and req.get("stream") and fake.get("tool_calls"):
+            await fake_apis.tool_call_stream(self, req, fake, send, receive, prompt_tokens)
+            return
         if not req.get("stream"):
             if chat:
                 out = {"id": rid, "object": "chat.completion", "created": 0, "model": self.model,
@@ -252,38 +307,6 @@ class FakeBackend:
         finally:
             self.active -= 1
             watcher.cancel()
-
-
-def prompt_token_count(req: dict[str, Any]) -> int:
-    """The fake's prompt tokens: one per 4 bytes of the JSON of ``messages`` (or
-    ``prompt``), at least 1; ``/tokenize`` and the usage of answers agree on it."""
-    return max(1, len(orjson.dumps(req.get("messages") or req.get("prompt"))) // 4)
-
-
-async def _disconnected_within(receive: Any, timeout_s: float) -> bool:
-    """Whether the caller disconnects within ``timeout_s`` (the request body is read)."""
-
-    async def wait() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    try:
-        await asyncio.wait_for(wait(), timeout_s)
-    except TimeoutError:
-        return False
-    return True
-
-
-def _err(message: str, status: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
-
-
-async def _json(send: Any, obj: Any, status: int = 200) -> None:
-    body = orjson.dumps(obj)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def free_port() -> int:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -30,11 +30,19 @@ from teamgpu.store.db import open_store
 from tests.support.fake_backend import ServerThread
 
 __all__ = [
-    "ERROR_KEYS", "Harness", "assert_openai_error", "event_data", "sse_events",
-    "start_gateway", "wait_until",
+    "ANTHROPIC_ERROR_TYPES", "ERROR_KEYS", "HTTPAnswer", "Harness", "assert_anthropic_error",
+    "assert_openai_error", "event_data", "sse_events", "start_gateway", "wait_until",
 ]
 
 ERROR_KEYS = {"message", "type", "param", "code"}
+# Anthropic's error types (its API reference, "Errors"); 503 is the gateway's "no backend
+# can serve now", which Anthropic's API itself calls overloaded (529)
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         405: "invalid_request_error", 413: "request_too_large",
+                         415: "invalid_request_error",
+                         429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                         503: "overloaded_error", 504: "api_error"}
 
 
 def wait_until(cond: Callable[[], Any], timeout_s: float = 5.0, what: str = "condition") -> Any:
@@ -62,7 +70,26 @@ def event_data(ev: bytes) -> bytes:
     return ev[len(b"data: "):].rstrip(b"\n")
 
 
-def assert_openai_error(r: httpx.Response, status: int, *, param: Any = ...,
+class _HasClose(Protocol):
+    def close(self) -> object: ...
+
+
+_Closable = TypeVar("_Closable", bound=_HasClose)
+
+
+class HTTPAnswer(Protocol):
+    """An HTTP response as httpx and the SDKs' own httpx builds have it."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
+    def json(self) -> Any: ...
+
+
+def assert_openai_error(r: HTTPAnswer, status: int, *, param: Any = ...,
                         code: Any = ...) -> dict[str, Any]:
     """``r`` is an error in OpenAI's shape with exactly the four keys; returns ``error``."""
     assert r.status_code == status, (r.status_code, r.text)
@@ -82,6 +109,22 @@ def assert_openai_error(r: httpx.Response, status: int, *, param: Any = ...,
     return err  # type: ignore[no-any-return]
 
 
+def assert_anthropic_error(r: HTTPAnswer, status: int) -> dict[str, Any]:
+    """``r`` is an error in Anthropic's shape, ``{"type": "error", "error": {"type",
+    "message"}}`` and nothing else, with the type Anthropic uses for ``status``; returns
+    ``error``."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    err = body["error"]
+    assert set(err) == {"type", "message"}, err
+    assert err["type"] == ANTHROPIC_ERROR_TYPES[status], err
+    assert isinstance(err["message"], str) and err["message"]
+    assert r.headers.get("x-request-id"), r.headers
+    return err  # type: ignore[no-any-return]
+
+
 @dataclass
 class Harness:
     """A running gateway and what tests need to reach into it."""
@@ -93,6 +136,7 @@ class Harness:
     user_key: str
     user: str = "alice"
     _clients: list[httpx.Client] = field(default_factory=list)
+    _closers: list[Callable[[], object]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -146,10 +190,18 @@ class Harness:
         assert len(rows) == 1, rows
         return rows[0]
 
+    def keep(self, client: _Closable) -> _Closable:
+        """``client`` (an SDK client), closed with the harness's own clients."""
+        self._closers.append(client.close)
+        return client
+
     def close_clients(self) -> None:
         for c in self._clients:
             c.close()
         self._clients.clear()
+        for close in self._closers:
+            close()
+        self._closers.clear()
 
 
 @contextlib.contextmanager

@@ -3,8 +3,10 @@ and the ``anthropic`` SDKs pointed at the gateway (``ANTHROPIC_BASE_URL``).
 
 vLLM (0.32) answers ``/v1/messages`` itself: the body goes to the backend unchanged but
 for ``model`` (the served name) and ``priority``. The key may come as ``x-api-key`` or
-``Authorization: Bearer`` (Claude Code sends one or the other); ``anthropic-version`` is
-accepted and passed on.
+``Authorization: Bearer`` (Claude Code sends one or the other); ``anthropic-version`` and
+the other ``anthropic-*`` headers are accepted and not passed on (vLLM reads none). vLLM's
+Messages request has no ``priority`` field (it drops unknown fields): the engine reads the
+request's priority from the ``X-Vllm-Priority`` header the pipeline sends.
 
 Errors on these paths are in Anthropic's shape,
 ``{"type": "error", "error": {"type": ..., "message": ...}}``, with the same statuses and
@@ -16,12 +18,17 @@ status  type                   when
 400     invalid_request_error  a bad body, a prompt past the context
 401     authentication_error   missing, unknown, expired or revoked key
 403     permission_error       an admin endpoint with a user key
-404     not_found_error        unknown model (or one this key may not use)
+404     not_found_error        unknown model (or one this key may not use), no route
+405     invalid_request_error  a method the route does not serve
 413     request_too_large      body over ``max_body_bytes``
+415     invalid_request_error  a body that is not JSON
 429     rate_limit_error       a limit or the per-user queue bound
 503     overloaded_error       no backend up, the queue full or timed out
 5xx     api_error              the backend failed (502, 504), a gateway bug
 ======  =====================  ===========================================
+
+Every path under ``/v1/messages`` answers in this shape, the gateway's own 404, 405 and
+500 included (:mod:`teamgpu.api.anthropic_errors`).
 
 Streams are relayed unchanged (``event: message_start`` ... ``event: message_stop``);
 usage is ``message_start``'s ``input_tokens`` and ``message_delta``'s ``output_tokens``.
@@ -36,6 +43,7 @@ import orjson
 from starlette.responses import Response
 
 from teamgpu.api.adapters.base import ProtocolAdapter, RequestSpec, estimate_tokens
+from teamgpu.api.anthropic_errors import anthropic_error_body, anthropic_error_type
 from teamgpu.api.body import check_stream_fields, positive_int
 from teamgpu.errors import BadRequest, GatewayError
 from teamgpu.upstream.sse import SSEEvent
@@ -44,28 +52,9 @@ from teamgpu.upstream.usage import EventAccount, Usage
 __all__ = ["MESSAGES", "AnthropicMessages", "MessagesAccount", "anthropic_error_body",
            "anthropic_error_type"]
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 413: "request_too_large", 415: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error",
-          529: "overloaded_error"}
-
-
 _STATUS_OF_TYPE = {"invalid_request_error": 400, "authentication_error": 401,
                    "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
                    "rate_limit_error": 429, "overloaded_error": 503}
-
-
-def anthropic_error_type(status: int) -> str:
-    """Anthropic's error ``type`` for an HTTP status (``api_error`` for other 5xx)."""
-    if status in _TYPES:
-        return _TYPES[status]
-    return "api_error" if status >= 500 else "invalid_request_error"
-
-
-def anthropic_error_body(status: int, message: str) -> bytes:
-    """``{"type": "error", "error": {"type": ..., "message": ...}}``, serialised."""
-    return orjson.dumps({"type": "error",
-                         "error": {"type": anthropic_error_type(status), "message": message}})
 
 
 def _message_of(data: bytes) -> tuple[str | None, str | None]:
@@ -83,7 +72,17 @@ def _message_of(data: bytes) -> tuple[str | None, str | None]:
 
 @dataclass
 class MessagesAccount(EventAccount):
-    """Watches an Anthropic Messages stream (typed ``event:`` lines)."""
+    """Watches an Anthropic Messages stream (typed ``event:`` lines).
+
+    ``message_start`` carries the input tokens (and 0 output tokens), ``message_delta``
+    the output tokens: a stream that ends between them (a client that left, an engine
+    that broke) is charged the input tokens and the content events counted so far.
+
+    Attributes:
+        output_seen: a ``message_delta`` with the output tokens arrived.
+    """
+
+    output_seen: bool = False
 
     def observe(self, ev: SSEEvent) -> bool:
         data = ev.data
@@ -112,10 +111,19 @@ class MessagesAccount(EventAccount):
                 piece = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
             self.produced(piece if isinstance(piece, str) else None)
         elif kind == "message_delta":
-            self._take_usage(obj.get("usage"))
+            u = obj.get("usage")
+            self._take_usage(u)
+            self.output_seen = self.output_seen or (
+                isinstance(u, dict) and isinstance(u.get("output_tokens"), int))
         elif kind == "message_stop":
             self.done = True
         return True
+
+    def final_usage(self, estimated_prompt_tokens: int = 0) -> Usage:
+        if self.output_seen:
+            return self.usage
+        prompt = self.usage.prompt_tokens if self.usage_seen else estimated_prompt_tokens
+        return Usage(prompt, self.content_chunks)
 
     def _take_usage(self, u: Any) -> None:
         if not isinstance(u, dict):

@@ -137,12 +137,15 @@ class ProtocolAdapter:
                 return v if isinstance(v, str) else orjson.dumps(v).decode()
         return None
 
-    async def locate(self, principal: Principal, payload: dict[str, Any]) -> str | None:
+    async def locate(self, principal: Principal, payload: dict[str, Any],
+                     served: str) -> str | None:
         """The base URL of the backend the request must go to, because it holds state the
         request refers to (a stored response), or None for any backend of the model.
+        ``served`` is the served model name the request resolved to.
 
         Raises:
-            NotFound: 404, the request refers to state that is not the key's user's.
+            NotFound: 404, the request refers to state that is not the key's user's, or
+                that lives with another model (no backend of ``served`` holds it).
         """
         return None
 

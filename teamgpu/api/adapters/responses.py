@@ -6,11 +6,16 @@ for ``model`` and ``priority``. Streams are relayed unchanged with their event n
 (``event: response.created`` ... ``event: response.completed``); usage is the final
 response's ``usage.input_tokens`` / ``output_tokens``. Errors are in OpenAI's shape.
 
+Two request fields are refused (400): ``request_id`` (vLLM names the response after it and
+stores it under that name, replacing a response of that name, which may be another
+user's) and ``background`` (a background response is generated after the answer, so its
+tokens would escape the key's limits, the fair share and the audit row).
+
 A response created with ``store`` on (the API's default) belongs to the user whose key
 created it: the gateway records it (:class:`teamgpu.store.responses.ResponseStore`) when
-the answer names its id, and a ``previous_response_id`` of another user, or an unknown one,
-is 404 (param ``previous_response_id``). A request that continues a stored response goes
-to the backend that holds it.
+the answer names its id, and a ``previous_response_id`` of another user, of another model
+than the request's, or an unknown one, is 404 (param ``previous_response_id``). A request
+that continues a stored response goes to the backend that holds it.
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ _DONE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 
 def input_items(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """The request's ``input`` as a list of items, as ``GET .../input_items`` lists them:
-    a string becomes one user message; items without an ``id`` get one (``msg_...``)."""
+    """The request's ``input`` as a list of items, as ``GET .../input_items`` lists them
+    (OpenAI's shape): a string becomes one user message; a message whose ``content`` is a
+    string gets it as one ``input_text`` part (``output_text`` for the assistant's); items
+    without an ``id`` get one (``msg_...``)."""
     raw = payload.get("input")
     if isinstance(raw, str):
         items: list[Any] = [{"type": "message", "role": "user",
@@ -57,6 +64,9 @@ def input_items(payload: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         item = dict(item)
         item.setdefault("type", "message")
+        if item["type"] == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
         item.setdefault("id", "msg_" + secrets.token_hex(12))
         out.append(item)
     return out
@@ -144,17 +154,32 @@ class Responses(ProtocolAdapter):
         if prev is not None and not isinstance(prev, str):
             raise BadRequest("'previous_response_id' must be a string",
                              param="previous_response_id")
+        if "request_id" in payload:
+            # vLLM names the response after it and stores it under that name, replacing
+            # what was there: a chosen name could overwrite another user's response
+            raise BadRequest("'request_id' is not accepted: the engine names each response",
+                             param="request_id")
+        if payload.get("background") not in (None, False):
+            # generated after the answer: its tokens would escape the key's limits, the
+            # fair share and the audit row
+            raise BadRequest("background responses are not supported by this gateway; "
+                             "send the request without 'background' (or stream it)",
+                             param="background")
         return RequestSpec(
             model=model, stream=payload.get("stream") is True,
             max_output_tokens=positive_int(payload, "max_output_tokens") or default_max_tokens,
             est_prompt_tokens=estimate_tokens(payload, self.prompt_keys))
 
-    async def locate(self, principal: Principal, payload: dict[str, Any]) -> str | None:
+    async def locate(self, principal: Principal, payload: dict[str, Any],
+                     served: str) -> str | None:
         prev = payload.get("previous_response_id")
         if not isinstance(prev, str):
             return None
         rec = await self._call(self.store.get, prev)
-        if rec is None or rec.deleted_at is not None or rec.user != principal.user:
+        # a response of another model lives on that model's engine: the engines of
+        # ``served`` do not hold it (and the key may not be allowed that model)
+        if rec is None or rec.deleted_at is not None or rec.user != principal.user \
+                or rec.model != served:
             raise NotFound(f"Previous response with id {prev!r} not found.",
                            param="previous_response_id")
         return rec.backend

@@ -359,6 +359,7 @@
       body.appendChild(row([
         [k.id, "mono"], [k.user, ""], [k.prefix + "…", "mono"],
         [k.is_admin ? "admin" : "user", ""], [k.status, "status " + k.status],
+        [k.models ? k.models.join(", ") : "all", "models"],
         [`${k.default_priority} ≤ ${k.max_priority}`, ""], [day(k.created_at), "small"],
         [day(k.expires_at), "small"], action,
       ], { "data-key-id": k.id, "data-status": k.status }));
