@@ -237,7 +237,7 @@ def test_missing_max_tokens_is_bad_request_error(setup: Setup) -> None:
     assert (row["status"], row["outcome"]) == (400, "bad_request")
 
 
-@pytest.mark.parametrize("body, status", [
+@pytest.mark.parametrize(("body", "status"), [
     ({"model": MODEL, "max_tokens": 4, "messages": "hi"}, 400),  # not a list
     ({"model": MODEL, "max_tokens": 0, "messages": MESSAGES}, 400),
     ({"max_tokens": 4, "messages": MESSAGES}, 400),  # no model
@@ -271,7 +271,7 @@ def test_a_body_too_large_is_request_too_large(setup: Setup) -> None:
     assert_anthropic_error(r, 415)
 
 
-@pytest.mark.parametrize("method, path", [
+@pytest.mark.parametrize(("method", "path"), [
     ("GET", "/v1/messages"),
     ("DELETE", "/v1/messages/count_tokens"),
     ("POST", "/v1/messages/batches"),

@@ -157,7 +157,7 @@ def test_no_backend_up_is_503_with_retry_after(tmp_path: Path, closed_port_url: 
 
 # --- pooling --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, body", [
+@pytest.mark.parametrize(("path", "body"), [
     ("/v1/score", {"text_1": "What is the capital of France?",
                    "text_2": ["Paris is the capital.", "Bananas are yellow."]}),
     ("/v1/score", {"queries": "capital of France", "documents": ["Paris", "Berlin"]}),

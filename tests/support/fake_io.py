@@ -5,6 +5,7 @@ with the fake's timing, breaks and client-disconnect handling."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,10 +117,8 @@ async def stream_events(send: Any, receive: Any, events: Sequence[Event], fake: 
                 if pause_after is not None and tokens == int(pause_after):
                     wait_s += float(fake.get("pause_s", 1.0))
                 if wait_s:
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(disconnected.wait(), wait_s)
-                    except TimeoutError:
-                        pass
                 if break_after is not None and tokens >= int(break_after):
                     raise ConnectionResetError("fake backend breaks the stream")
                 tokens += 1
