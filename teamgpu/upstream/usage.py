@@ -96,6 +96,18 @@ class EventAccount:
         """Account for one event. Returns False when the client must not receive it."""
         raise NotImplementedError
 
+    def data_object(self, ev: SSEEvent) -> dict[str, Any] | None:
+        """Count a data event and return its JSON object; None for a comment-only event,
+        data that is not JSON, or JSON that is not an object."""
+        if ev.data is None:
+            return None
+        self.events += 1
+        try:
+            obj = orjson.loads(ev.data)
+        except orjson.JSONDecodeError:
+            return None
+        return obj if isinstance(obj, dict) else None
+
     def produced(self, piece: str | None) -> None:
         """Count one event that carried generated content (``piece``: its text)."""
         self.content_chunks += 1

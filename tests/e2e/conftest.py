@@ -97,6 +97,20 @@ class VllmEngine:
     log_path: Path
 
 
+def pids_with(text: str) -> list[int]:
+    """Processes whose command line contains ``text`` (this process left out)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmd and int(d.name) != os.getpid():
+                pids.append(int(d.name))
+    return pids
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "teamgpu"

@@ -22,24 +22,11 @@ import pytest
 from tests.support.fake_backend import free_port
 from tests.support.harness import wait_until
 
-from .conftest import SERVED_MODEL_NAME, VllmEngine, run_script
+from .conftest import ENGINE_FIXTURE_S, SERVED_MODEL_NAME, VllmEngine, pids_with, run_script
 
 TEAMGPU = str(Path(sys.executable).parent / "teamgpu")
 EMBED = "all-MiniLM-L6-v2"
 IDLE_TTL_S = 8
-
-
-def _pids_with(text: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmd and int(d.name) != os.getpid():
-                pids.append(int(d.name))
-    return pids
 
 
 def _embed_model_dir() -> Path:
@@ -49,7 +36,7 @@ def _embed_model_dir() -> Path:
     return Path(run_script("prepare-demo-embed-model.sh"))
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(ENGINE_FIXTURE_S + 1200)  # the session engine may start first
 def test_a_model_set_with_an_on_demand_model(vllm_engine: VllmEngine, tmp_path: Path) -> None:
     embed_dir = _embed_model_dir()
     config = tmp_path / "teamgpu.toml"
@@ -124,8 +111,8 @@ idle_ttl_s = {IDLE_TTL_S}
                               "".join(out))
             assert found, "".join(out)
             chat_port = int(found.group(1))
-            leader = _pids_with(f"--port {chat_port}")
-            cores = [p for p in _pids_with("VLLM::EngineCore")
+            leader = pids_with(f"--port {chat_port}")
+            cores = [p for p in pids_with("VLLM::EngineCore")
                      if leader and os.getpgid(p) == os.getpgid(leader[0])]
             assert len(cores) == 1, (chat_port, leader, cores)
             os.kill(cores[0], signal.SIGKILL)
@@ -148,5 +135,5 @@ idle_ttl_s = {IDLE_TTL_S}
             stdout.close()
     assert code == 0, "".join(out)
     # no engine of this set is left: none with the embeddings model, none on the chat port
-    wait_until(lambda: not _pids_with(f"--model {embed_dir}")
-               and not _pids_with(f"--port {chat_port} "), 15, "no engine process left")
+    wait_until(lambda: not pids_with(f"--model {embed_dir}")
+               and not pids_with(f"--port {chat_port} "), 15, "no engine process left")

@@ -18,23 +18,9 @@ import pytest
 from tests.support.fake_backend import free_port
 from tests.support.harness import wait_until
 
-from .conftest import ENGINE_FIXTURE_S, SERVED_MODEL_NAME, VllmEngine
+from .conftest import ENGINE_FIXTURE_S, SERVED_MODEL_NAME, VllmEngine, pids_with
 
 TEAMGPU = str(Path(sys.executable).parent / "teamgpu")
-
-
-def _pids_with(text: str) -> list[int]:
-    """Processes whose command line contains ``text``."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmd and int(d.name) != os.getpid():
-                pids.append(int(d.name))
-    return pids
 
 
 # Its own waits add up to about 940 s at worst (start 300, two restarts 240 each, ...);
@@ -87,7 +73,7 @@ def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path:
             assert "Paris" in r.json()["choices"][0]["message"]["content"]
 
             # The engine binds to loopback only.
-            engine_pids = _pids_with(f"--port {engine_port}")
+            engine_pids = pids_with(f"--port {engine_port}")
             assert engine_pids, "engine process not found"
             listen = Path("/proc/net/tcp").read_text()
             assert f"0100007F:{engine_port:04X}" in listen  # 127.0.0.1:engine_port
@@ -106,8 +92,8 @@ def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path:
             # Only vLLM's engine core dies (its API server lives on, answering 500 with
             # "EngineCore encountered an issue" until it exits with status 0): clients get
             # 503 in the gateway's words, and the log names the engine core's death.
-            cores = [p for p in _pids_with("VLLM::EngineCore")
-                     if os.getpgid(p) == os.getpgid(_pids_with(f"--port {engine_port}")[0])]
+            cores = [p for p in pids_with("VLLM::EngineCore")
+                     if os.getpgid(p) == os.getpgid(pids_with(f"--port {engine_port}")[0])]
             assert len(cores) == 1, cores
             os.kill(cores[0], signal.SIGKILL)
             r = wait_until(lambda: (x := c.post("/v1/chat/completions", json=chat)).status_code
@@ -132,4 +118,4 @@ def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path:
             reader.join(10)
             proc.stdout.close()  # type: ignore[union-attr]
     assert code == 0, "".join(out)
-    wait_until(lambda: not _pids_with(f"--port {engine_port}"), 10, "no orphaned engine process")
+    wait_until(lambda: not pids_with(f"--port {engine_port}"), 10, "no orphaned engine process")

@@ -48,7 +48,7 @@ import orjson
 from tests.support import fake_apis
 from tests.support.fake_io import disconnected_within as _disconnected_within
 from tests.support.fake_io import err as _err
-from tests.support.fake_io import prompt_token_count
+from tests.support.fake_io import prompt_token_count, send_body
 from tests.support.fake_io import send_json as _json
 
 __all__ = ["ENGINE_DEAD_MESSAGE", "MODEL", "FakeBackend", "ServerThread", "free_port",
@@ -237,18 +237,7 @@ class FakeBackend:
         async def event(data: dict[str, Any] | str) -> None:
             payload = data if isinstance(data, str) else orjson.dumps(data).decode()
             raw = f"data: {payload}\n\n".encode()
-            if split:
-                cut = len(raw) // 2
-                # cut inside a multi-byte character when there is one
-                for i in range(len(raw)):
-                    if raw[i] >= 0xC0:
-                        cut = i + 1
-                        break
-                await send({"type": "http.response.body", "body": raw[:cut], "more_body": True})
-                await asyncio.sleep(0.005)
-                await send({"type": "http.response.body", "body": raw[cut:], "more_body": True})
-            else:
-                await send({"type": "http.response.body", "body": raw, "more_body": True})
+            await send_body(send, raw, split=split)
 
         if fake.get("error_first"):
             await event({"error": {"message": "bad parameter", "type": "BadRequestError",

@@ -50,6 +50,22 @@ async def disconnected_within(receive: Any, timeout_s: float) -> bool:
     return True
 
 
+async def send_body(send: Any, raw: bytes, *, split: bool = False) -> None:
+    """Send ``raw`` as one body part, or with ``split`` in two writes 5 ms apart, cut inside
+    a multi-byte UTF-8 character when there is one (faults F2 and F3)."""
+    if not split:
+        await send({"type": "http.response.body", "body": raw, "more_body": True})
+        return
+    cut = len(raw) // 2
+    for i in range(len(raw)):
+        if raw[i] >= 0xC0:
+            cut = i + 1
+            break
+    await send({"type": "http.response.body", "body": raw[:cut], "more_body": True})
+    await asyncio.sleep(0.005)
+    await send({"type": "http.response.body", "body": raw[cut:], "more_body": True})
+
+
 @dataclass(frozen=True)
 class Event:
     """One SSE event the fake streams.
@@ -94,17 +110,7 @@ async def stream_events(send: Any, receive: Any, events: Sequence[Event], fake: 
                 return
 
     async def write(raw: bytes) -> None:
-        if split:
-            cut = len(raw) // 2
-            for i in range(len(raw)):  # cut inside a multi-byte character when there is one
-                if raw[i] >= 0xC0:
-                    cut = i + 1
-                    break
-            await send({"type": "http.response.body", "body": raw[:cut], "more_body": True})
-            await asyncio.sleep(0.005)
-            await send({"type": "http.response.body", "body": raw[cut:], "more_body": True})
-        else:
-            await send({"type": "http.response.body", "body": raw, "more_body": True})
+        await send_body(send, raw, split=split)
 
     on_start()
     aborted = False

@@ -85,16 +85,10 @@ class MessagesAccount(EventAccount):
     output_seen: bool = False
 
     def observe(self, ev: SSEEvent) -> bool:
-        data = ev.data
-        if data is None:
+        obj = self.data_object(ev)
+        if obj is None:
             return True
-        self.events += 1
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return True
-        if not isinstance(obj, dict):
-            return True
+        data = ev.data or ""
         kind = obj.get("type") or ev.event
         if kind == "error":
             err = obj.get("error")

@@ -92,16 +92,10 @@ class ResponsesAccount(EventAccount):
     response_id: str | None = None
 
     def observe(self, ev: SSEEvent) -> bool:
-        data = ev.data
-        if data is None:
+        obj = self.data_object(ev)
+        if obj is None:
             return True
-        self.events += 1
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return True
-        if not isinstance(obj, dict):
-            return True
+        data = ev.data or ""
         kind = obj.get("type") or ev.event or ""
         resp = obj.get("response")
         if isinstance(resp, dict) and self.response_id is None and isinstance(resp.get("id"), str):
