@@ -206,6 +206,7 @@ class Gateway:
                  recorder=recorder, usage_totals=UsageTotalsCache(store), pipeline=pipeline,
                  responses=responses, batch=batch, batch_runner=runner)
         audit.start()
+        await responses.store.start()
         await admissions.start()
         await pool.start()
         await runner.start()
@@ -215,6 +216,7 @@ class Gateway:
         """Stop the background work (batch jobs first: their items in flight run again on
         the next start), flush the audit log, close connections."""
         await self.batch_runner.stop()
+        await self.responses.store.close()
         await self.admissions.close()
         await self.pool.close()
         await self.audit.close()

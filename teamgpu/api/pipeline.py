@@ -224,7 +224,9 @@ class Pipeline:
         if settings.store_prompts:
             ctx.prompt_text = adapter.prompt_text(payload)
         ctx.est_prompt_tokens = spec.est_prompt_tokens
-        pinned = await adapter.locate(principal, payload, served)  # 404: another's state
+        # 404 for another user's state
+        pinned = await adapter.locate(principal, payload, served) if adapter.keeps_state \
+            else None
         strip_usage = adapter.prepare(payload, spec, served=served)
         limits = self.limits.for_key(principal)
         exact_prompt: int | None = None
@@ -487,7 +489,8 @@ class Pipeline:
                 upstream.release()
                 job.usage = adapter.usage(raw) or Usage(0, 0)
                 ctx.ttft_ms = ctx.elapsed_ms()
-                await adapter.answered(ctx, payload, adapter.answer_id(raw), backend.url)
+                if adapter.keeps_state:
+                    await adapter.answered(ctx, payload, adapter.answer_id(raw), backend.url)
                 await self.recorder.record(
                     ctx, status=200, outcome="ok", usage=job.usage,
                     completion_text=adapter.text(raw) if settings.store_prompts else None)
@@ -540,7 +543,7 @@ class Pipeline:
             # before the client sees the end: its next request may refer to this answer
             # (previous_response_id) and must find its limits free
             job.usage = account.final_usage(ctx.est_prompt_tokens)
-            if account.done and account.error is None:
+            if adapter.keeps_state and account.done and account.error is None:
                 await adapter.answered(ctx, payload, adapter.stream_answer_id(account),
                                        backend.url)
             await job.settle_limits()

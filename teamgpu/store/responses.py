@@ -12,13 +12,18 @@ the engine forgets the response itself when it restarts. See docs/gateway.md.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
+import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from teamgpu.store.tables import stored_responses
 
@@ -51,24 +56,54 @@ class ResponseRecord:
 
 
 class ResponseStore:
-    """The ``responses`` table. Synchronous; call off the event loop for PostgreSQL."""
+    """The ``responses`` table, with the records this gateway wrote kept in memory.
 
-    def __init__(self, engine: Engine) -> None:
+    Recording is off the request path: :meth:`add` keeps the record in memory at once (so
+    the next request of a client, a ``previous_response_id``, finds it) and queues it for
+    one writer task that inserts in batches (as the audit writer does). Look-ups check the
+    records in memory first (at most ``recent_max`` of them, the newest), then the table
+    (records of other replicas, or of before a restart). Records queued when the process
+    dies without a clean stop are lost: their responses then answer 404.
+    """
+
+    def __init__(self, engine: Engine, *, recent_max: int = 10_000,
+                 batch_window_s: float = 0.05) -> None:
         self.engine = engine
+        self._recent: OrderedDict[str, ResponseRecord] = OrderedDict()
+        self._recent_max = recent_max
+        self._batch_window_s = batch_window_s
+        self._queue: asyncio.Queue[ResponseRecord | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
 
-    def record(self, response_id: str, *, user: str, key_id: str, model: str, backend: str,
-               input_items: builtins.list[dict[str, Any]]) -> None:
+    async def start(self) -> None:
+        """Start the writer task (inside the event loop that serves requests)."""
+        self._writer = asyncio.create_task(self._write(), name="teamgpu-responses-writer")
+
+    async def close(self) -> None:
+        """Write everything queued, then stop the writer."""
+        if self._writer is not None:
+            await self._queue.put(None)
+            await self._writer
+            self._writer = None
+
+    async def add(self, response_id: str, *, user: str, key_id: str, model: str,
+                  backend: str, input_items: builtins.list[dict[str, Any]]) -> None:
         """Record a new response (a second record of the same id is ignored)."""
-        if self.get(response_id) is not None:
+        if response_id in self._recent:
             return
-        with self.engine.begin() as conn:
-            conn.execute(insert(stored_responses).values(
-                id=response_id[:128], user=user, key_id=key_id, model=model[:256],
-                backend=backend[:256], created_at=datetime.now(UTC), deleted_at=None,
-                input_items=orjson.dumps(input_items).decode()))
+        rec = ResponseRecord(id=response_id[:128], user=user, key_id=key_id, model=model[:256],
+                             backend=backend[:256], created_at=datetime.now(UTC),
+                             deleted_at=None, input_items=input_items)
+        self._remember(rec)
+        await self._queue.put(rec)
 
     def get(self, response_id: str) -> ResponseRecord | None:
-        """The record of ``response_id``, deleted or not; None if unknown."""
+        """The record of ``response_id``, deleted or not; None if unknown. Reads the table
+        only for a record not written by this process lately (call off the event loop
+        for PostgreSQL)."""
+        rec = self._recent.get(response_id)
+        if rec is not None:
+            return rec
         with self.engine.connect() as conn:
             row = conn.execute(select(stored_responses).where(
                 stored_responses.c.id == response_id)).first()
@@ -82,10 +117,55 @@ class ResponseStore:
             input_items=orjson.loads(m["input_items"] or "[]"))
 
     def delete(self, response_id: str) -> None:
-        """Mark ``response_id`` deleted."""
+        """Mark ``response_id`` deleted (at once in memory; in the table now, or when its
+        queued insert is written)."""
+        now = datetime.now(UTC)
+        rec = self._recent.get(response_id)
+        if rec is not None:
+            self._recent[response_id] = dataclasses.replace(rec, deleted_at=now)
         with self.engine.begin() as conn:
             conn.execute(update(stored_responses).where(stored_responses.c.id == response_id)
-                         .values(deleted_at=datetime.now(UTC)))
+                         .values(deleted_at=now))
+
+    def _remember(self, rec: ResponseRecord) -> None:
+        self._recent[rec.id] = rec
+        self._recent.move_to_end(rec.id)
+        while len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
+
+    async def _write(self) -> None:
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            deadline = asyncio.get_running_loop().time() + self._batch_window_s
+            while len(batch) < 500:
+                timeout = deadline - asyncio.get_running_loop().time()
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), max(0.0, timeout))
+                except TimeoutError:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            # a delete that came before its insert was written applies here
+            rows = [self._recent.get(r.id, r) for r in batch]
+            await asyncio.to_thread(self._insert, rows)
+
+    def _insert(self, rows: builtins.list[ResponseRecord]) -> None:
+        values = [{"id": r.id, "user": r.user, "key_id": r.key_id, "model": r.model,
+                   "backend": r.backend, "created_at": r.created_at, "deleted_at": r.deleted_at,
+                   "input_items": orjson.dumps(r.input_items).decode()} for r in rows]
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(stored_responses), values)  # one executemany
+        except IntegrityError:  # an id written already (another replica): one at a time
+            for v in values:
+                with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
+                    conn.execute(insert(stored_responses).values(**v))
 
 
 def _aware(dt: Any) -> datetime:

@@ -52,6 +52,9 @@ from teamgpu.upstream.usage import EventAccount, Usage
 __all__ = ["MESSAGES", "AnthropicMessages", "MessagesAccount", "anthropic_error_body",
            "anthropic_error_type"]
 
+# named events the account only counts (usage, errors and the end are in the others)
+_COUNTED_EVENTS = frozenset({"content_block_delta", "content_block_start", "content_block_stop",
+                             "ping"})
 _STATUS_OF_TYPE = {"invalid_request_error": 400, "authentication_error": 401,
                    "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
                    "rate_limit_error": 429, "overloaded_error": 503}
@@ -85,6 +88,17 @@ class MessagesAccount(EventAccount):
     output_seen: bool = False
 
     def observe(self, ev: SSEEvent) -> bool:
+        named = ev.event
+        if ev.data is not None and named in _COUNTED_EVENTS and not self.keep_text:
+            # vLLM names every event (``event: content_block_delta``): the deltas need
+            # counting, not decoding
+            self.events += 1
+            if named == "content_block_delta":
+                self.produced(None)
+            return True
+        return self._observe_data(ev)
+
+    def _observe_data(self, ev: SSEEvent) -> bool:
         obj = self.data_object(ev)
         if obj is None:
             return True

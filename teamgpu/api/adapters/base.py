@@ -81,6 +81,8 @@ class ProtocolAdapter:
             carries vLLM's ``priority`` field (embeddings do not).
         scheduled: the request goes through the limits and the scheduler; tokenizer
             calls do not (they are authenticated, resolved and audited only).
+        keeps_state: answers are state later requests refer to (:meth:`locate`,
+            :meth:`answered`); the pipeline calls those hooks only then.
         prompt_keys: the body fields that hold the prompt (estimate, stored text).
     """
 
@@ -88,6 +90,7 @@ class ProtocolAdapter:
     path: ClassVar[str]
     generative: ClassVar[bool] = True
     scheduled: ClassVar[bool] = True
+    keeps_state: ClassVar[bool] = False
     prompt_keys: ClassVar[tuple[str, ...]] = ("messages", "prompt", "input")
 
     def model_of(self, payload: dict[str, Any]) -> str:

@@ -43,6 +43,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _DONE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+# the named events whose data the account reads (the response's id, usage, errors)
+_PARSED_EVENTS = frozenset({"response.created", *_DONE_EVENTS, "error"})
 
 
 def input_items(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -92,6 +94,15 @@ class ResponsesAccount(EventAccount):
     response_id: str | None = None
 
     def observe(self, ev: SSEEvent) -> bool:
+        named = ev.event
+        if ev.data is not None and named is not None and named not in _PARSED_EVENTS \
+                and (not self.keep_text or not named.endswith(".delta")):
+            # vLLM names every event (``event: response.output_text.delta``): most need
+            # no decoding, only counting (a stream has a dozen events per answer)
+            self.events += 1
+            if named.endswith(".delta"):
+                self.produced(None)
+            return True
         obj = self.data_object(ev)
         if obj is None:
             return True
@@ -128,6 +139,7 @@ class Responses(ProtocolAdapter):
 
     endpoint = "responses"
     path = "/v1/responses"
+    keeps_state = True
     prompt_keys: ClassVar[tuple[str, ...]] = ("instructions", "input", "tools")
 
     def __init__(self, store: ResponseStore, *, store_in_thread: bool) -> None:
@@ -182,7 +194,7 @@ class Responses(ProtocolAdapter):
                        backend: str) -> None:
         if answer_id is None or payload.get("store") is False or ctx.principal is None:
             return
-        await self._call(self.store.record, answer_id, user=ctx.principal.user,
+        await self.store.add(answer_id, user=ctx.principal.user,
                          key_id=ctx.principal.key_id, model=ctx.model or "", backend=backend,
                          input_items=input_items(payload))
 
