@@ -39,7 +39,11 @@ the gateway (``teamgpu serve``, keys made with ``teamgpu keys create --json``). 
   once per size of ``--teamgpu-seqs`` (default ``max-num-seqs + reserved-high +
   reserved-normal`` and ``max-num-seqs``: 19,16), each on an engine of that
   ``--max-num-seqs`` with the gateway at that ``--max-inflight``, so that at 19 the batch
-  class gets 16 slots, as many as direct FIFO, and interactive work the 3 extra. The
+  class gets 16 slots, as many as direct FIFO, and interactive work the 3 extra (but see
+  docs/scheduler.md: interactive requests in flight count against the batch's 16). A
+  what-if way, ``capped`` (not in the default): direct with the ``priority`` field on the
+  engine of each ``--teamgpu-seqs`` size, the batch client keeping exactly that size - 3
+  items in flight, so that the batch always has its 16 beside interactive work. The
   direct ways run on an engine of ``--max-num-seqs``; engines run one at a time. Reported
   per way: interactive TTFT p50/p95 over the flood and per minute, end-to-end p95 and its
   ratio to idle (direct, one at a time), batch tokens/s from the first batch item's start

@@ -9,6 +9,10 @@ open loop, spread over the interval as in the batch flood) until the batch is se
 * ``fifo``: every batch item sent straight to vLLM at once, not streamed, no priority (a
   naive batch client); the developers straight to vLLM too.
 * ``vllm-priority``: the same, with vLLM's ``priority`` field (batch 2, developers 0).
+* ``capped-S`` (a what-if for the scheduler, not run by default): direct with the
+  ``priority`` field on the engine of ``--max-num-seqs S``, the batch client keeping exactly
+  ``S - reserved_slots_high - reserved_slots_normal`` items in flight (16 of 19): the
+  engine side of "the batch gets what FIFO gets, interactive work the extra slots".
 * ``teamgpu-S``: the batch through the Batch API (``POST /v1/files`` and
   ``/v1/batches`` with a key whose ceiling and default are ``low``), the developers
   through the gateway (``X-Priority: high``), on an engine of ``--max-num-seqs S`` with
@@ -63,6 +67,7 @@ class Way:
     seqs: int              # the engine's --max-num-seqs (and the gateway's --max-inflight)
     via_gateway: bool
     priority_field: bool = False
+    batch_cap: int | None = None  # direct: batch items in flight at most (None: all at once)
 
 
 def ways(args: argparse.Namespace) -> list[Way]:
@@ -74,11 +79,15 @@ def ways(args: argparse.Namespace) -> list[Way]:
         elif m == "vllm-priority":
             out.append(Way("vllm-priority", "direct, vLLM `priority` field", args.max_num_seqs,
                            False, True))
+        elif m == "capped":
+            out += [Way(f"capped-{s}", f"direct, `priority`, batch capped at {s - reserve}, "
+                        f"{s} seqs", s, False, True, s - reserve) for s in args.teamgpu_seqs]
         elif m == "teamgpu":
             out += [Way(f"teamgpu-{s}", f"teamgpu, {s} seqs (batch {s - reserve})", s, True)
                     for s in args.teamgpu_seqs]
         else:
-            raise SystemExit(f"--long-modes: unknown way {m!r} (fifo, vllm-priority, teamgpu)")
+            raise SystemExit(f"--long-modes: unknown way {m!r} (fifo, vllm-priority, teamgpu, "
+                             "capped)")
     return out
 
 
@@ -283,12 +292,17 @@ class LongRunner:
         if way.via_gateway:
             done: asyncio.Future[Any] = asyncio.ensure_future(self.batch_job(file_id))
         else:
-            direct = [fb.Rec("batch", fb.now(), a.batch_prompt_tokens, a.batch_tokens)
-                      for _ in bodies]
-            done = asyncio.ensure_future(asyncio.gather(*(
-                complete_whole(self.client, self.stack.engine_url, r, p,
-                               field_priority=2 if way.priority_field else None)
-                for r, p in zip(direct, bodies, strict=True))))
+            cap = asyncio.Semaphore(way.batch_cap or len(bodies))
+
+            async def item(prompt: str) -> fb.Rec:
+                async with cap:
+                    rec = fb.Rec("batch", fb.now(), a.batch_prompt_tokens, a.batch_tokens)
+                    direct.append(rec)
+                    return await complete_whole(
+                        self.client, self.stack.engine_url, rec, prompt,
+                        field_priority=2 if way.priority_field else None)
+
+            done = asyncio.ensure_future(asyncio.gather(*(item(p) for p in bodies)))
         devs = asyncio.ensure_future(self.developers(way, n, t0, done, dev_recs))
         result = await done
         sampler.cancel()
@@ -391,6 +405,11 @@ def summarize(a: argparse.Namespace, way: Way, n: int, t0: float, dev_recs: list
     ok = [r for r in in_flood if r.ok]
     queue = [r["queue_ms"] / 1000 for r in dev_rows if r["queue_ms"] is not None
              and r["start"] <= b_end]
+    # interactive output in the batch window (each streamed chunk's share of the tokens)
+    inter_tokens = sum(r.completion_tokens / len(r.token_times) for r in dev_recs
+                       if r.token_times for t in r.token_times if b_start <= t <= b_end)
+    inter_open = sum(max(0.0, min(r.end or b_end, b_end) - max(r.sent, b_start))
+                     for r in dev_recs)
     eng = [x for x in engine_s if t0 <= x[0] <= b_end]
     gws = [x for x in gateway_s if t0 <= x[0] <= b_end]
     minutes = []
@@ -417,8 +436,9 @@ def summarize(a: argparse.Namespace, way: Way, n: int, t0: float, dev_recs: list
     counts = batch_obj.get("request_counts") or {}
     return {
         "way": way.name, "label": way.label, "seqs": way.seqs, "devs": n,
-        "batch_slots": way.seqs - (a.reserved_high + a.reserved_normal) if way.via_gateway
-        else way.seqs,
+        "batch_slots": way.batch_cap or (way.seqs - (a.reserved_high + a.reserved_normal)
+                                         if way.via_gateway else way.seqs),
+        "batch_cap": way.batch_cap,
         "via_gateway": way.via_gateway, "t0": t0,
         "interactive_n": len(ok), "interactive_errors": len(in_flood) - len(ok),
         "interactive_after_flood": len(dev_recs) - len(in_flood),
@@ -433,6 +453,9 @@ def summarize(a: argparse.Namespace, way: Way, n: int, t0: float, dev_recs: list
         "batch_tokens": tokens, "batch_window_s": window,
         "batch_first_start_s": b_start - t0,
         "batch_tokens_per_s": tokens / window if window > 0 else math.nan,
+        "interactive_tokens_per_s": inter_tokens / window if window > 0 else math.nan,
+        "total_tokens_per_s": (tokens + inter_tokens) / window if window > 0 else math.nan,
+        "interactive_open_mean": inter_open / window if window > 0 else math.nan,
         "batch_status": batch_obj.get("status", "client"),
         "batch_completed": counts.get("completed", len(ok_items)),
         "batch_failed_reported": counts.get("failed", len(batch) - len(ok_items)),
@@ -535,12 +558,13 @@ def report(args: argparse.Namespace, info: dict[str, Any], idle: list[dict[str, 
         add("")
         add("| way | engine seqs (batch slots) | TTFT p50 (s) | TTFT p95 (s) | TTFT max (s) | "
             "end-to-end p50 (s) | end-to-end p95 (s) | e2e p95 / idle | interactive requests "
-            "(errors) | batch tokens/s | vs FIFO | batch window (s) | batch items completed "
+            "(errors) | batch tokens/s | vs FIFO | interactive tokens/s | total tokens/s | "
+            "interactive requests open (mean) | batch window (s) | batch items completed "
             "/ failed (status) | gateway queue p50 / p95 / max (s), waited > 10 ms | "
             "vLLM waiting (share of samples, max) | mean running in vLLM | preemptions | "
             "other processes' CPU |")
-        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"
-            "---:|---:|")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+            "---|---:|---:|---:|")
         for r in rs:
             share = r["batch_tokens_per_s"] / fifo["batch_tokens_per_s"] if fifo else math.nan
             q = (f"{f(r['queue_p50_s'], 3)} / {f(r['queue_p95_s'], 3)} / "
@@ -551,6 +575,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], idle: list[dict[str, 
                 f"{f(r['e2e_p95_s'])} | {f(r['e2e_p95_s'] / idle_e2e, 2)} | "
                 f"{r['interactive_n']} ({r['interactive_errors']}) | "
                 f"{f(r['batch_tokens_per_s'], 0)} | {100 * share:.1f}% | "
+                f"{f(r.get('interactive_tokens_per_s', math.nan), 0)} | "
+                f"{f(r.get('total_tokens_per_s', math.nan), 0)} | "
+                f"{f(r.get('interactive_open_mean', math.nan), 1)} | "
                 f"{f(r['batch_window_s'], 1)} | {r['batch_completed']} / "
                 f"{r['batch_failed_reported']} ({r['batch_status']}) | {q} | "
                 f"{100 * r['engine_waiting_share']:.0f}%, {r['engine_waiting_max']:.0f} | "
@@ -594,9 +621,10 @@ def report(args: argparse.Namespace, info: dict[str, Any], idle: list[dict[str, 
                     f"{f(m['gateway_queued_mean'], 1)} |")
             add("")
         for r in rs:
-            if not r["via_gateway"]:
+            if not (r["via_gateway"] or r.get("batch_cap")):
                 continue
-            add(f"Targets, {r['label']}, N = {n}:")
+            what_if = "" if r["via_gateway"] else " (a what-if outside the gateway)"
+            add(f"Targets, {r['label']}, N = {n}{what_if}:")
             add("")
             for text, met in targets(r, idle_e2e, fifo, args.aging_s):
                 add(f"- **{'PASS' if met else 'FAIL'}** {text}")
