@@ -530,11 +530,13 @@ def report(args: argparse.Namespace, info: dict[str, Any], idle: list[dict[str, 
     add(f"Gateway: `--max-inflight` = the engine's sequences, reserved_slots_high {rh}, "
         f"reserved_slots_normal {rn}, aging_s {args.aging_s:g}; the batch class may use "
         f"max-inflight - {rh + rn} slots.")
+    sized = (f"sized for {args.flood_s:g} s at the calibrated "
+             f"{f(info['calibration_tokens_per_s'], 0)} tokens/s ({args.max_num_seqs} at once, "
+             "direct)" if args.long_items is None else "given by `--long-items`")
     add(f"Batch: {info['items']} items of {args.batch_tokens} output tokens (prompt "
-        f"{args.batch_prompt_tokens}, `ignore_eos`), sized for {args.flood_s:g} s at the "
-        f"calibrated {f(info['calibration_tokens_per_s'], 0)} tokens/s ({args.max_num_seqs} "
-        "at once, direct); direct: all sent at once, not streamed; teamgpu: one Batch API "
-        "job (`/v1/completions` lines) of a key with ceiling and default `low`.")
+        f"{args.batch_prompt_tokens}, `ignore_eos`), {sized}; direct: all sent at once "
+        "unless capped, not streamed; teamgpu: one Batch API job (`/v1/completions` lines) "
+        "of a key with ceiling and default `low`.")
     add(f"Interactive: N developers each send a `high` streamed request of {args.dev_tokens} "
         f"tokens (prompt {args.dev_prompt_tokens}) every {args.dev_interval_s:g} s, spread "
         "over the interval, open loop, until the batch is served; counted: those sent before "
@@ -639,6 +641,8 @@ def plot(args: argparse.Namespace, runs: list[dict[str, Any]], out: Path) -> Pat
     import matplotlib.pyplot as plt
 
     devs = [n for n in args.devs_list if any(r["devs"] == n for r in runs)]
+    order = [w.name for w in ways(args)]
+    runs = sorted(runs, key=lambda r: order.index(r["way"]) if r["way"] in order else 99)
     fig, axes = plt.subplots(1, len(devs), figsize=(6.4 * len(devs), 4.6), squeeze=False)
     for ax, n in zip(axes[0], devs, strict=True):
         for r in (r for r in runs if r["devs"] == n):
