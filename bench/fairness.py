@@ -1,6 +1,8 @@
 """Fairness and priority on a real vLLM (CPU, demo model): direct versus through teamgpu.
 
     .venv/bin/python bench/fairness.py [--quick] [--engine-url URL] [--only flood,heavy]
+    .venv/bin/python bench/fairness.py --only longflood [--devs 3,10] [--flood-s 180]
+                                       [--teamgpu-seqs 19,16] [--long-modes ...]
 
 One run starts everything itself, as process groups it kills at the end: vLLM with the
 demo model (``--max-num-seqs 16 --scheduling-policy priority``, not ``--enforce-eager``,
@@ -22,6 +24,37 @@ the gateway (``teamgpu serve``, keys made with ``teamgpu keys create --json``). 
   docs/scheduler.md): ``2 * (w_in * P + w_out * O)`` for one slot and
   ``2 * (w_in * P + N * w_out * O)`` for ``N`` slots, with ``P`` and ``O`` the largest
   prompt and output.
+
+* **long flood** (issue 10, ``--only longflood``; code in ``bench/longflood.py``): a batch
+  job that lasts ``--flood-s`` (180 s: at least 5 x ``aging_s``) while ``N`` developers send
+  ``high`` streamed requests on the batch flood's schedule, for each ``N`` of ``--devs``
+  (``3,10`` here). The batch is ``--long-items`` completions of ``--batch-tokens`` (256)
+  output tokens; by default as many as direct FIFO serves in ``--flood-s``, from a
+  calibration wave (``--max-num-seqs`` of them at once) on the first engine. Ways
+  (``--long-modes``, default ``fifo,vllm-priority,teamgpu``): direct FIFO (every item sent
+  to vLLM at once, not streamed, no priority; the developers direct too), direct with
+  vLLM's ``priority`` field (batch 2, developers 0), and through teamgpu, the batch as one
+  Batch API job (``POST /v1/files`` and ``/v1/batches``, a key made with ``--max-priority
+  low --default-priority low``) and the developers with ``X-Priority: high``. teamgpu runs
+  once per size of ``--teamgpu-seqs`` (default ``max-num-seqs + reserved-high +
+  reserved-normal`` and ``max-num-seqs``: 19,16), each on an engine of that
+  ``--max-num-seqs`` with the gateway at that ``--max-inflight``, so that at 19 the batch
+  class gets 16 slots, as many as direct FIFO, and interactive work the 3 extra (but see
+  docs/scheduler.md: interactive requests in flight count against the batch's 16). A
+  what-if way, ``capped`` (not in the default): direct with the ``priority`` field on the
+  engine of each ``--teamgpu-seqs`` size, the batch client keeping exactly that size - 3
+  items in flight, so that the batch always has its 16 beside interactive work. The
+  direct ways run on an engine of ``--max-num-seqs``; engines run one at a time. Reported
+  per way: interactive TTFT p50/p95 over the flood and per minute, end-to-end p95 and its
+  ratio to idle (direct, one at a time), batch tokens/s from the first batch item's start
+  to the last one's end and its ratio to direct FIFO, the gateway queue wait of
+  interactive requests (audit ``queue_ms``), vLLM's own queue (``num_requests_waiting``),
+  the batch's completion (its batch object). Targets, printed PASS/FAIL for each teamgpu
+  size: TTFT p95 <= 0.25 s over the flood and in every minute, end-to-end p95 <= 2 x idle,
+  batch tokens/s >= 98 % of direct FIFO. Writes ``fairness-longflood.md``, ``.json`` and
+  ``.png`` (interactive TTFT over time, every way) to ``--out``. ``--engine-url`` does not
+  apply: it starts its own engines. ``--quick`` makes it a smoke run (``--flood-s`` 30,
+  64-token items).
 
 Service is counted where the client sees it: a request's prompt tokens when its first
 token arrives, each output token when it arrives. Prompts are random sequences of words
@@ -835,6 +868,19 @@ def plot(args: argparse.Namespace, floods: list[dict[str, Any]],
 
 
 async def run(args: argparse.Namespace) -> int:
+    only = set(args.only.split(","))
+    rc = 0
+    if only & {"flood", "heavy"}:
+        rc = await run_scenarios(args)
+    if "longflood" in only:
+        import longflood  # bench/longflood.py; it imports this module as ``fairness``
+
+        rc = max(rc, await longflood.run(args))
+    return rc
+
+
+async def run_scenarios(args: argparse.Namespace) -> int:
+    """The idle, batch flood and two heavy users scenarios, on one engine and gateway."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- once, before anything runs
     only = set(args.only.split(","))
@@ -894,7 +940,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engine-url", default=None,
                     help="use a vLLM that already runs (started with the flags above) "
                          "instead of starting one")
-    ap.add_argument("--only", default="flood,heavy", help="scenarios to run")
+    ap.add_argument("--only", default="flood,heavy",
+                    help="scenarios to run: flood, heavy, longflood")
     ap.add_argument("--flood-modes", default="fifo,vllm-priority,teamgpu")
     ap.add_argument("--max-num-seqs", type=int, default=16,
                     help="vLLM --max-num-seqs, also the gateway's --max-inflight")
@@ -905,7 +952,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-requests", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=256)
     ap.add_argument("--batch-prompt-tokens", type=int, default=32)
-    ap.add_argument("--devs", type=int, default=3)
+    ap.add_argument("--devs", default=None,
+                    help="developers: one number for the flood (default 3), a list for "
+                         "the long flood (default 3,10)")
     ap.add_argument("--dev-tokens", type=int, default=32)
     ap.add_argument("--dev-prompt-tokens", type=int, default=64)
     ap.add_argument("--dev-interval-s", type=float, default=2.0)
@@ -923,10 +972,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 16 batch requests of 64 tokens, 20 s of heavy users")
+    ap.add_argument("--flood-s", type=float, default=None,
+                    help="long flood: how long the batch lasts at direct FIFO's calibrated "
+                         "rate (default 180; 30 with --quick)")
+    ap.add_argument("--long-items", type=int, default=None,
+                    help="long flood: batch items (default: enough for --flood-s)")
+    ap.add_argument("--long-modes", default="fifo,vllm-priority,teamgpu",
+                    help="long flood: ways to run")
+    ap.add_argument("--teamgpu-seqs", default=None,
+                    help="long flood: engine --max-num-seqs (= gateway --max-inflight) of "
+                         "each teamgpu run (default: max-num-seqs + reserved-high + "
+                         "reserved-normal, then max-num-seqs: 19,16)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--replot", metavar="JSON", default=None,
-                    help="only draw the PNGs again from a fairness.json, into --out")
+                    help="only draw the PNGs again from a fairness.json (or "
+                         "fairness-longflood.json), into --out")
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - {"flood", "heavy", "longflood"}:
+        ap.error(f"--only: unknown scenario(s) {', '.join(sorted(only - {'flood', 'heavy', 'longflood'}))}")
+    try:
+        devs = [int(x) for x in args.devs.split(",")] if args.devs else None
+        seqs = [int(x) for x in args.teamgpu_seqs.split(",")] if args.teamgpu_seqs else None
+    except ValueError as exc:
+        ap.error(f"--devs and --teamgpu-seqs take comma-separated numbers: {exc}")
+    if devs and len(devs) > 1 and only & {"flood", "heavy"}:
+        ap.error("--devs takes one number for the flood scenario; run --only longflood "
+                 "for a list")
+    args.devs = devs[0] if devs else 3
+    args.devs_list = devs or [3, 10]
+    reserve = args.reserved_high + args.reserved_normal
+    args.teamgpu_seqs = seqs or [args.max_num_seqs + reserve, args.max_num_seqs]
+    if min(args.teamgpu_seqs) <= reserve:
+        ap.error(f"--teamgpu-seqs: each must leave the batch class a slot (> {reserve})")
+    if args.flood_s is None:
+        args.flood_s = 30.0 if args.quick else 180.0
     if args.quick:
         args.batch_requests, args.batch_tokens = 16, 64
         args.heavy_duration_s, args.idle_samples = 20.0, 2
@@ -936,6 +1016,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def replot(path: Path, out: Path) -> int:
     """Draw the PNGs again from a ``fairness.json`` of an earlier run."""
     blob = json.loads(path.read_text())
+    if blob.get("kind") == "longflood":
+        import longflood
+
+        return longflood.replot(blob, out)
     args = argparse.Namespace(**blob["args"])
     fields = set(Rec.__dataclass_fields__)
 
@@ -952,6 +1036,7 @@ def replot(path: Path, out: Path) -> int:
 
 
 def main() -> int:
+    sys.modules.setdefault("fairness", sys.modules[__name__])  # for bench/longflood.py
     args = parse_args()
     if args.replot:
         return replot(Path(args.replot), Path(args.out))
