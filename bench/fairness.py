@@ -989,8 +989,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "fairness-longflood.json), into --out")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
-    if only - {"flood", "heavy", "longflood"}:
-        ap.error(f"--only: unknown scenario(s) {', '.join(sorted(only - {'flood', 'heavy', 'longflood'}))}")
+    unknown = only - {"flood", "heavy", "longflood"}
+    if unknown:
+        ap.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}")
     try:
         devs = [int(x) for x in args.devs.split(",")] if args.devs else None
         seqs = [int(x) for x in args.teamgpu_seqs.split(",")] if args.teamgpu_seqs else None
