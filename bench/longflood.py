@@ -124,7 +124,7 @@ class LongStack(fb.Stack):
         self.keys[user] = json.loads(out)["key"]
 
     def _make_keys(self) -> None:
-        for i in range(self.args.devs):
+        for i in range(max(1, self.args.devs)):  # dev1 also measures idle, even with N = 0
             self._key(f"dev{i + 1}")
         self._key("nightly", "--max-priority", "low", "--default-priority", "low")
 
