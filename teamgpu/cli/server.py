@@ -91,6 +91,18 @@ def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
+async def _serve_announced(server: uvicorn.Server, banner: str) -> None:
+    """Run ``server`` and print ``banner`` once it listens (after the app's start-up:
+    migrations, the store, the first health poll), so that a client reading the banner can
+    connect at once; a server that fails to start prints nothing."""
+    serving = asyncio.create_task(server.serve(), name="teamgpu-gateway")
+    while not server.started and not serving.done():
+        await asyncio.wait({serving}, timeout=0.05)
+    if server.started:
+        console.print(banner, highlight=False)
+    await serving
+
+
 def _logging(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.basicConfig(level=settings.log_level.upper(),
@@ -121,10 +133,13 @@ def serve(_settings_overrides: dict[str, Any], backends: tuple[str, ...], host: 
     async def on_open(_gw: Any) -> None:
         write_record(s.data_dir, record)
 
-    console.print(f"teamgpu gateway on http://{s.host}:{s.port} -> {', '.join(s.backends)}")
     app = create_app(s, store=store, on_open=on_open,
                      on_close=lambda: remove_record(s.data_dir, record.pid))
-    uvicorn.Server(_uvicorn_config(app, s)).run()
+    config = _uvicorn_config(app, s)
+    banner = f"teamgpu gateway on http://{s.host}:{s.port} -> {', '.join(s.backends)}"
+    with contextlib.suppress(KeyboardInterrupt), \
+            asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(_serve_announced(uvicorn.Server(config), banner))
 
 
 def _preflight(s: Settings, capacities: list[int] | None = None) -> Engine:
@@ -373,11 +388,10 @@ async def _up(s: Settings, fleet: Any, mset: Any, store: Engine,
                          on_close=lambda: remove_record(s.data_dir, record.pid))
         server = uvicorn.Server(_uvicorn_config(app, s))
         engines = asyncio.create_task(fleet.run(), name="teamgpu-engines")
-        console.print(f"teamgpu gateway on http://{s.host}:{s.port}  (Ctrl-C stops "
-                      "everything)")
         # uvicorn handles SIGINT/SIGTERM during serve() and re-raises them afterwards;
         # our handler then only records them.
-        await server.serve()
+        await _serve_announced(server, f"teamgpu gateway on http://{s.host}:{s.port}  "
+                                       "(Ctrl-C stops everything)")
         engines.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await engines

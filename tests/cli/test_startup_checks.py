@@ -173,6 +173,32 @@ def test_serve_records_where_it_listens_and_doctor_reads_it(clean_env: Path,
     assert not (data / RECORD_NAME).exists()  # removed on a clean stop
 
 
+def test_the_banner_comes_when_the_gateway_listens(clean_env: Path,
+                                                   fake_server: ServerThread) -> None:
+    """A client (or a test) that connects on reading "teamgpu gateway on" is never
+    refused: the line is printed after the port is bound, not before the app starts."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEAMGPU_", "OPENAI_"))}
+    proc = subprocess.Popen([TEAMGPU, "serve", "--backend", fake_server.url, "--host",
+                             "127.0.0.1", "--port", str(port), "--data-dir",
+                             str(clean_env / "d")],
+                            env={**env, "TERM": "dumb", "COLUMNS": "200"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if "teamgpu gateway on" in line:
+                break
+        else:
+            pytest.fail(f"serve exited with {proc.wait()} and no banner")
+        assert f"http://127.0.0.1:{port}" in line
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200  # no retry
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        proc.stdout.close()
+
+
 def test_a_stale_record_is_ignored_and_said_so(clean_env: Path) -> None:
     data = clean_env / "d"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
