@@ -305,10 +305,13 @@ async def _up(s: Settings, fleet: Any, mset: Any, store: Engine,
     main = asyncio.current_task()
     assert main is not None
     stopping = False
+    serving: list[uvicorn.Server] = []  # the gateway, once it serves
 
     def on_signal(signum: int, frame: Any = None) -> None:
         nonlocal stopping
-        if not stopping:
+        if serving:  # uvicorn's own handlers stop it; this one sees the signal uvicorn
+            serving[0].should_exit = True  # re-raises after serve(): a clean stop, exit 0
+        elif not stopping:
             stopping = True
             loop.call_soon_threadsafe(main.cancel)
 
@@ -387,9 +390,10 @@ async def _up(s: Settings, fleet: Any, mset: Any, store: Engine,
                          declared={fleet.base_url(n): [n] for n in names},
                          on_close=lambda: remove_record(s.data_dir, record.pid))
         server = uvicorn.Server(_uvicorn_config(app, s))
+        serving.append(server)
         engines = asyncio.create_task(fleet.run(), name="teamgpu-engines")
         # uvicorn handles SIGINT/SIGTERM during serve() and re-raises them afterwards;
-        # our handler then only records them.
+        # on_signal then only asks the server to exit (a no-op by then): exit status 0.
         await _serve_announced(server, f"teamgpu gateway on http://{s.host}:{s.port}  "
                                        "(Ctrl-C stops everything)")
         engines.cancel()
