@@ -70,6 +70,22 @@ DEMO_MARKER = ".teamgpu-demo-ok"
 T = TypeVar("T")
 
 
+ANSWERS: list[tuple[str, str]] = []  # (test, the demo model's answer), for the summary
+
+
+def saw_answer(test: str, text: str) -> None:
+    """Keep the demo model's answer for the end of the run: CI's output then quotes what
+    the real engine said, not only that an assertion held."""
+    ANSWERS.append((test, text))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if ANSWERS:
+        terminalreporter.section("the demo model's answers in the e2e tests")
+        for test, text in ANSWERS:
+            terminalreporter.write_line(f"{test}: {text!r}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test collected from this folder ``e2e``, and give it ``E2E_TIMEOUT_S``
     unless it sets a timeout of its own."""

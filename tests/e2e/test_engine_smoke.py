@@ -16,7 +16,7 @@ import json
 import httpx
 import pytest
 
-from .conftest import VllmEngine
+from .conftest import VllmEngine, saw_answer
 
 QUESTION = "What is the capital of France?"
 CHATML_PROMPT = f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
@@ -60,6 +60,7 @@ def test_chat_completion_says_paris(client: httpx.Client, vllm_engine: VllmEngin
         })
     response.raise_for_status()
     body = response.json()
+    saw_answer("direct chat", body["choices"][0]["message"]["content"])
     assert "Paris" in body["choices"][0]["message"]["content"]
     assert body["usage"]["completion_tokens"] > 0
 

@@ -22,7 +22,14 @@ import pytest
 from tests.support.fake_backend import free_port
 from tests.support.harness import wait_until
 
-from .conftest import ENGINE_FIXTURE_S, SERVED_MODEL_NAME, VllmEngine, pids_with, run_script
+from .conftest import (
+    ENGINE_FIXTURE_S,
+    SERVED_MODEL_NAME,
+    VllmEngine,
+    pids_with,
+    run_script,
+    saw_answer,
+)
 
 TEAMGPU = str(Path(sys.executable).parent / "teamgpu")
 EMBED = "all-MiniLM-L6-v2"
@@ -90,7 +97,9 @@ idle_ttl_s = {IDLE_TTL_S}
             chat = {"model": SERVED_MODEL_NAME, "max_tokens": 16, "temperature": 0,
                     "messages": [{"role": "user", "content": "What is the capital of France?"}]}
             r = c.post("/v1/chat/completions", json=chat)
-            assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+            assert r.status_code == 200, r.text
+            saw_answer("model set, chat", r.json()["choices"][0]["message"]["content"])
+            assert "Paris" in r.json()["choices"][0]["message"]["content"]
 
             # its first request starts it, and waits: the vectors come back
             r = c.post("/v1/embeddings", json={"model": EMBED, "input": ["hello", "world"]})

@@ -18,7 +18,7 @@ import pytest
 from tests.support.fake_backend import free_port
 from tests.support.harness import wait_until
 
-from .conftest import ENGINE_FIXTURE_S, SERVED_MODEL_NAME, VllmEngine, pids_with
+from .conftest import ENGINE_FIXTURE_S, SERVED_MODEL_NAME, VllmEngine, pids_with, saw_answer
 
 TEAMGPU = str(Path(sys.executable).parent / "teamgpu")
 
@@ -70,6 +70,7 @@ def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path:
             wait_until(ready, 30, "readiness")
             r = c.post("/v1/chat/completions", json=chat)
             assert r.status_code == 200, r.text
+            saw_answer("teamgpu up, chat", r.json()["choices"][0]["message"]["content"])
             assert "Paris" in r.json()["choices"][0]["message"]["content"]
 
             # The engine binds to loopback only.
