@@ -178,7 +178,7 @@ class Gateway:
         pipeline = Pipeline(settings=s, auth=auth, limits=limits, pool=pool, client=client,
                             admissions=admissions, prompts=PromptCounter(client, pool),
                             recorder=recorder, metrics=metrics, host=host)
-        responses = Responses(ResponseStore(store),
+        responses = Responses(ResponseStore(store, retention_s=s.stored_responses_days * 86400),
                               store_in_thread=store.url.get_backend_name() != "sqlite")
         executor = PipelineExecutor(pipeline, {
             "/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS,

@@ -295,6 +295,12 @@ class Settings(BaseSettings):
     store_prompts: bool = Field(
         default=False, description="Store prompt and completion text in the audit log."
     )
+    stored_responses_days: float = Field(
+        default=30.0, gt=0,
+        description="Days the gateway keeps the owner and input items of a stored "
+        "Responses API object (OpenAI keeps them 30 days); older ones answer 404 and are "
+        "deleted from the store.",
+    )
     audit_queue_size: int = Field(
         default=10_000, ge=1, description="Audit rows waiting for the writer before back-pressure."
     )
