@@ -202,6 +202,11 @@ def check_line(line_no: int, raw: bytes, endpoint: str, seen: set[str]
     if body.get("stream"):
         return err("invalid_value", "stream is not supported in a batch: each item is "
                    "answered whole.", "body.stream")
+    try:  # the decoder takes 1,024 levels, the encoder that stores the body about 250
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return err("invalid_value", "body is nested too deeply (at most about 250 levels of "
+                   "arrays and objects).", "body")
     seen.add(cid)
     return cid, model, body
 

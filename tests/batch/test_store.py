@@ -129,6 +129,9 @@ def test_invalid_lines_fail_the_batch_with_errors_per_line(engine: Engine,
         orjson.dumps({**line("nb"), "body": "text"}),
         orjson.dumps({**line("nm"), "body": {"messages": []}}),
         orjson.dumps({**line("st"), "body": {"model": "m", "stream": True}}),
+        # decodes (orjson reads 1,024 levels) but cannot be stored (it writes about 250)
+        orjson.dumps({**line("deep"), "body": {"model": "m"}})[:-2]
+        + b', "x": ' + b"[" * 300 + b"]" * 300 + b"}}",
     ]
     rec = new_batch(store, alice, b"\n".join(bad) + b"\n")
     got = store.validate(rec.id, max_lines=100, now=T0 + 1)
@@ -144,6 +147,7 @@ def test_invalid_lines_fail_the_batch_with_errors_per_line(engine: Engine,
         (8, "missing_required_parameter", "body"),
         (9, "missing_required_parameter", "body.model"),
         (10, "invalid_value", "body.stream"),
+        (11, "invalid_value", "body"),
     ]
     assert all(e["message"] for e in got.errors)
     pub = got.public()

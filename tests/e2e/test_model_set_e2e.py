@@ -143,6 +143,10 @@ idle_ttl_s = {IDLE_TTL_S}
             reader.join(10)
             stdout.close()
     assert code == 0, "".join(out)
-    # no engine of this set is left: none with the embeddings model, none on the chat port
-    wait_until(lambda: not pids_with(f"--model {embed_dir}")
-               and not pids_with(f"--port {chat_port} "), 15, "no engine process left")
+    # no engine of this set is left: none on either model's private port (by port, not by
+    # model path: another teamgpu on this machine may serve the same demo models)
+    found = re.search(rf"vLLM {EMBED}: \w+ on http://127.0.0.1:(\d+)", "".join(out))
+    assert found, "".join(out)
+    ports = [chat_port, int(found.group(1))]
+    wait_until(lambda: not any(pids_with(f"--port {p} ") for p in ports), 15,
+               "no engine process left")
