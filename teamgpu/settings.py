@@ -304,6 +304,12 @@ class Settings(BaseSettings):
     audit_queue_size: int = Field(
         default=10_000, ge=1, description="Audit rows waiting for the writer before back-pressure."
     )
+    max_sequences_per_request: int = Field(
+        default=4, ge=1,
+        description="Most sequences one request may generate at once (n, best_of): each "
+        "holds one of the engine's sequence slots while admission counts the request once, "
+        "so a large n would take the slots kept for interactive work; above it, 400.",
+    )
     default_max_tokens: int = Field(
         default=512, ge=1, description="max_tokens assumed for accounting when a request has none."
     )

@@ -270,3 +270,24 @@ def test_a_client_priority_field_on_embeddings_does_not_reach_the_engine(
     assert "priority" not in backend_request(fake, r)["body"]
     r = client.post("/v1/chat/completions", json={**CHAT, "priority": -100})
     assert backend_request(fake, r)["body"]["priority"] == 1  # the key's default: normal
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "n"),
+                                             ("/v1/completions", "n"),
+                                             ("/v1/completions", "best_of")])
+def test_more_sequences_than_allowed_is_400_before_the_engine(
+        gateway: Harness, client: httpx.Client, fake: FakeBackend, path: str,
+        field: str) -> None:
+    """``n`` sequences hold ``n`` engine slots while admission counts the request once:
+    above ``max_sequences_per_request`` (4) the request never reaches the engine, where
+    it would take the slots kept for interactive work."""
+    body = ({**CHAT} if path.endswith("chat/completions")
+            else {"model": MODEL, "prompt": "def f():"})
+    before = len(fake.requests)
+    r = client.post(path, json={**body, field: 5, "max_tokens": 4})
+    err = assert_openai_error(r, 400, param=field)
+    assert "at most 4" in err["message"] and "max_sequences_per_request" in err["message"]
+    assert len(fake.requests) == before
+    assert gateway.wait_row(r.headers["x-request-id"])["outcome"] == "bad_request"
+    ok = client.post(path, json={**body, field: 4, "max_tokens": 4})
+    assert ok.status_code == 200, ok.text

@@ -116,6 +116,16 @@ class ProtocolAdapter:
         """
         raise NotImplementedError
 
+    def sequences(self, payload: dict[str, Any]) -> int:
+        """How many sequences the request makes the engine generate at once (``n``, and
+        ``best_of`` on completions); each holds one of the engine's ``--max-num-seqs``
+        while the gateway's admission counts the request once. 1 unless an API says more.
+
+        Raises:
+            BadRequest: 400, the field is not a positive integer.
+        """
+        return 1
+
     def prepare(self, payload: dict[str, Any], spec: RequestSpec, *, served: str) -> bool:
         """Change ``payload`` in place before it goes to the backend: the served model
         name, and whatever the gateway needs for its accounting.
