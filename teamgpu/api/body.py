@@ -80,6 +80,8 @@ def positive_int(payload: dict[str, Any], key: str) -> int | None:
     v = payload.get(key)
     if v is None:
         return None
+    if isinstance(v, float) and v.is_integer() and v >= 2**63:  # JSON's 1e20 and such
+        raise BadRequest(f"'{key}' is too large: {v:.0f}", param=key)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise BadRequest(f"'{key}' must be an integer of at least 1, got {v!r}"[:300],
                          param=key)

@@ -184,7 +184,7 @@ class KeyStore:
         admin: bool = False,
         expires_in_days: float | None = None,
         max_priority: str | PriorityClass = PriorityClass.HIGH,
-        default_priority: str | PriorityClass = PriorityClass.NORMAL,
+        default_priority: str | PriorityClass | None = None,
         weight: float = 1.0,
         rotated_from: str | None = None,
         limits: dict[str, int | None] | None = None,
@@ -192,16 +192,25 @@ class KeyStore:
     ) -> tuple[str, Principal]:
         """Create a key for ``user``.
 
+        ``default_priority`` None means ``normal``, or ``max_priority`` if that is lower.
+
         Returns:
             ``(secret, principal)``; the secret is shown once and never stored.
 
         Raises:
-            KeyError_: invalid user name, priority or weight.
+            KeyError_: invalid user name, priority (or a default above the ceiling) or
+                weight.
         """
         user = user.strip()
         if not user or len(user) > 128 or any(c.isspace() for c in user):
             raise KeyError_("user name must be 1-128 characters without spaces")
-        ceiling, default = _priority(max_priority), _priority(default_priority)
+        ceiling = _priority(max_priority)
+        default = (PriorityClass.NORMAL.capped(ceiling) if default_priority is None
+                   else _priority(default_priority))
+        if default.capped(ceiling) != default:
+            raise KeyError_(f"default priority {default.label} is above the key's ceiling "
+                            f"{ceiling.label}: give --default-priority {ceiling.label} or "
+                            "lower, or a higher --max-priority")
         if not weight > 0:
             raise KeyError_("weight must be > 0")
         secret = new_secret()
@@ -306,7 +315,7 @@ class KeyStore:
             old.user,
             admin=old.is_admin,
             max_priority=old.max_priority,
-            default_priority=old.default_priority,
+            default_priority=old.default_priority.capped(old.max_priority),
             weight=old.weight,
             rotated_from=old.key_id,
             limits={f: getattr(old, f) for f in LIMIT_FIELDS},

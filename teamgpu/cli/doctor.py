@@ -826,7 +826,7 @@ def doctor(_settings_overrides: dict[str, Any], url: str | None, key: str | None
                   f"recorded in {s.data_dir / RECORD_NAME}")
     else:
         host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-        server = (f"{url} (given with --url)" if url is not None else
+        server = (f"{url} (given with --url or OPENAI_BASE_URL)" if url is not None else
                   f"no running server recorded in {s.data_dir}"
                   + (f" ({note})" if note else "") + f"; checking http://{host}:{s.port}")
         url = url or f"http://{host}:{s.port}"

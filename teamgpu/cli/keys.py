@@ -93,7 +93,7 @@ def create(_settings_overrides: dict[str, Any], name: str, admin: bool, expires_
         secret, p = ks.create(
             name, admin=admin, expires_in_days=expires_in,
             max_priority=max_priority or PriorityClass.HIGH,
-            default_priority=default_priority or PriorityClass.NORMAL,
+            default_priority=default_priority,  # None: normal, or the ceiling if lower
             weight=weight or 1.0,
             limits={"rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent,
                     "daily_tokens": daily_tokens},

@@ -212,7 +212,7 @@ def test_stream_must_be_a_boolean(gateway: Harness, client: httpx.Client, value:
 @pytest.mark.parametrize(("field", "value"), [
     ("max_tokens", -1), ("max_tokens", 0), ("max_tokens", "900"), ("max_tokens", 900.0),
     ("max_tokens", True), ("max_completion_tokens", "x"), ("n", 0), ("n", "2"),
-    ("stream_options", "yes"),
+    ("stream_options", "yes"), ("max_tokens", 10**20),
 ])
 def test_token_and_sequence_fields_must_be_positive_integers(client: httpx.Client,
                                                              field: str, value: Any) -> None:

@@ -174,3 +174,15 @@ def test_list_and_public_never_hold_the_secret(ks: KeyStore) -> None:
         assert "key_hash" not in d and "key" not in d
         assert secret not in str(d)
     assert [k.user for k in ks.list()] == ["jack", "kate"]
+
+
+def test_the_default_priority_follows_a_lower_ceiling(ks: KeyStore) -> None:
+    _, p = ks.create("batchbot", max_priority="low")
+    assert (p.default_priority, p.max_priority) == (PriorityClass.LOW, PriorityClass.LOW)
+    _, p = ks.create("dev")
+    assert (p.default_priority, p.max_priority) == (PriorityClass.NORMAL, PriorityClass.HIGH)
+
+
+def test_a_default_above_the_ceiling_is_refused(ks: KeyStore) -> None:
+    with pytest.raises(KeyError_, match="above the key's ceiling low"):
+        ks.create("confused", max_priority="low", default_priority="high")
