@@ -238,6 +238,13 @@ async def upload_file(svc: BatchService, request: Request) -> Response:
     try:
         purpose = form.get("purpose")
         upload = form.get("file")
+        if not form:  # starlette ends a form without its closing boundary quietly
+            raise BadRequest("malformed multipart form: no fields (a truncated body, or a "
+                             "boundary that does not match the Content-Type's)",
+                             code="invalid_form")
+        if purpose is None:
+            raise BadRequest("the form has no 'purpose' field: send purpose=batch and the "
+                             "file", param="purpose", code="missing_required_parameter")
         if purpose != "batch":
             raise BadRequest(f"purpose must be 'batch' (the only purpose this gateway "
                              f"serves): {purpose!r}", param="purpose", code="invalid_value")

@@ -130,7 +130,14 @@ def test_bad_uploads(app: LiveApp, alice: httpx.Client) -> None:
                                    files={"x": ("a", b"")}), 400, param="file")
     r = alice.post("/v1/files", content=b"--nope", headers={
         "Content-Type": "multipart/form-data; boundary=XyZ"})
-    assert r.status_code == 400
+    assert_openai_error(r, 400, code="invalid_form")
+    # a body cut before its closing boundary: malformed, not "purpose must be batch"
+    r = alice.post("/v1/files", content=b"--xy", headers={
+        "Content-Type": "multipart/form-data; boundary=xy"})
+    assert "malformed multipart form" in assert_openai_error(r, 400, code="invalid_form")[
+        "message"]
+    r = alice.post("/v1/files", files={"file": ("a.jsonl", b"{}")})
+    assert_openai_error(r, 400, param="purpose", code="missing_required_parameter")
     with client(app, None) as anon:
         assert_openai_error(anon.get("/v1/files"), 401)
         assert_openai_error(anon.post("/v1/batches", json={}), 401)
