@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from teamgpu.batch.protocol import ENDPOINTS, TERMINAL_STATUSES
+from teamgpu.cli.common import gateway_or_recorded
 from teamgpu.clientbench import BenchError, normalize_base_url
 
 STATE_FILE = ".teamgpu-batch.json"
@@ -115,17 +116,18 @@ class BatchClient:
 def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--url``, ``--key`` and ``--ca-cert``; the command gets ``client``."""
 
-    @click.option("--url", envvar="OPENAI_BASE_URL", required=True,
+    @click.option("--url", envvar="OPENAI_BASE_URL", default=None,
                   help="The team endpoint, e.g. https://gpu.example.com/v1 (env "
-                       "OPENAI_BASE_URL).")
+                       "OPENAI_BASE_URL; default: the server running on this machine).")
     @click.option("--key", envvar="OPENAI_API_KEY", required=True,
                   help="Your API key (env OPENAI_API_KEY).")
     @click.option("--ca-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path),
                   default=None, help="CA certificate to trust (e.g. Caddy's internal root).")
     @functools.wraps(fn)
-    def wrapper(*args: Any, url: str, key: str, ca_cert: Path | None, **kw: Any) -> Any:
+    def wrapper(*args: Any, url: str | None, key: str, ca_cert: Path | None,
+                **kw: Any) -> Any:
         try:
-            base = normalize_base_url(url)
+            base = normalize_base_url(gateway_or_recorded(url))
         except BenchError as exc:
             raise click.BadParameter(str(exc), param_hint="--url") from exc
         client = BatchClient(base, key, ca_cert=ca_cert)

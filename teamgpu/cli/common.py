@@ -13,6 +13,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from teamgpu.cli.server_record import read_record
 from teamgpu.settings import Settings
 
 
@@ -53,3 +54,22 @@ def load_settings(**overrides: Any) -> Settings:
 
 def print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def gateway_or_recorded(url: str | None, *, api: bool = True) -> str:
+    """``url`` when given (``--url`` or ``OPENAI_BASE_URL``), else the gateway recorded in
+    the data directory by a running ``teamgpu up`` or ``serve`` (``server.json``), with
+    ``/v1`` when ``api``.
+
+    Raises:
+        click.UsageError: no URL given and no running server recorded (exit status 2).
+    """
+    if url:
+        return url
+    data_dir = load_settings().data_dir
+    record, note = read_record(data_dir)
+    if record is None:
+        raise click.UsageError(
+            "give --url (or set OPENAI_BASE_URL): no running teamgpu server is recorded in "
+            f"{data_dir}" + (f" ({note})" if note else ""))
+    return record.gateway_url + ("/v1" if api else "")

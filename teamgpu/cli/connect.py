@@ -76,6 +76,7 @@ import click
 import httpx
 import yaml
 
+from teamgpu.cli.common import gateway_or_recorded
 from teamgpu.clientbench import BenchError, normalize_base_url
 
 TARGETS = ("continue", "claude-code", "codex", "aider", "opencode", "env", "curl", "python")
@@ -447,8 +448,9 @@ def render(target: str, fmt: str, base: str, key: str, models: dict[str, str | N
 
 @click.command("connect")
 @click.argument("target", type=click.Choice(TARGETS))
-@click.option("--url", envvar="OPENAI_BASE_URL", required=True,
-              help="The team endpoint, e.g. https://gpu.example.com/v1 (env OPENAI_BASE_URL).")
+@click.option("--url", envvar="OPENAI_BASE_URL", default=None,
+              help="The team endpoint, e.g. https://gpu.example.com/v1 (env OPENAI_BASE_URL; "
+                   "default: the server running on this machine, as `doctor` finds it).")
 @click.option("--key", envvar="OPENAI_API_KEY", required=True,
               help="Your API key (env OPENAI_API_KEY).")
 @click.option("--model", "--chat-model", "model", default=None,
@@ -469,7 +471,7 @@ def render(target: str, fmt: str, base: str, key: str, models: dict[str, str | N
                                  "(.aider.model.metadata.json).")
 @click.option("--ca-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               default=None, help="CA certificate to trust (e.g. Caddy's internal root.crt).")
-def connect(target: str, url: str, key: str, model: str | None,
+def connect(target: str, url: str | None, key: str, model: str | None,
             autocomplete_model: str | None, embed_model: str | None,
             rerank_model: str | None, fmt: str | None, ca_cert: Path | None) -> None:
     """Print client set-up for TARGET: continue, claude-code, codex, aider, opencode,
@@ -481,7 +483,7 @@ def connect(target: str, url: str, key: str, model: str | None,
     source <(teamgpu connect claude-code --url https://gpu.example.com/v1 --key tg-...)
     """
     try:
-        base = normalize_base_url(url)
+        base = normalize_base_url(gateway_or_recorded(url))
     except BenchError as exc:
         raise click.BadParameter(str(exc), param_hint="--url") from exc
     fmt = fmt or FORMATS[target][0]

@@ -23,6 +23,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from teamgpu.cli.common import gateway_or_recorded
 from teamgpu.scheduler.priority import PriorityClass
 
 __all__ = ["StatsError", "fetch_stats", "render_stats", "top"]
@@ -279,16 +280,19 @@ def render_stats(data: dict[str, Any], url: str = "", width: int | None = None) 
 
 
 @click.command("top")
-@click.option("--url", default="http://127.0.0.1:8080", show_default=True, envvar="TEAMGPU_URL",
-              help="The gateway's base URL (env TEAMGPU_URL).")
-@click.option("--key", required=True, envvar="TEAMGPU_ADMIN_KEY",
-              help="An admin key (env TEAMGPU_ADMIN_KEY).")
+@click.option("--url", default=None, envvar=["TEAMGPU_URL", "OPENAI_BASE_URL"],
+              help="The gateway's URL, with or without /v1 (env TEAMGPU_URL or "
+                   "OPENAI_BASE_URL; default: the server running on this machine).")
+@click.option("--key", required=True, envvar=["TEAMGPU_ADMIN_KEY", "OPENAI_API_KEY"],
+              help="An admin key (env TEAMGPU_ADMIN_KEY or OPENAI_API_KEY).")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Seconds between two polls.")
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
-def top(url: str, key: str, interval: float, once: bool) -> None:
+def top(url: str | None, key: str, interval: float, once: bool) -> None:
     """Live view of a running gateway: queue, in-flight, TTFT, top users, models, batch
     jobs, GPU, backends."""
+    url = gateway_or_recorded(url, api=False).rstrip("/")
+    url = url.removesuffix("/v1")  # /stats is at the root, as /healthz and /dashboard
     console = Console()
     with httpx.Client(timeout=max(5.0, interval * 3), trust_env=False) as client:
         try:

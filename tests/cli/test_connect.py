@@ -542,3 +542,21 @@ def test_rejected_key_is_reported(gateway: Harness) -> None:
 def test_bad_url(url: str) -> None:
     r = CliRunner().invoke(connect, ["env", "--url", url, "--key", "k"])
     assert r.exit_code == 2
+
+
+def test_without_url_the_recorded_server_is_used(gateway: Harness, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --url and no OPENAI_BASE_URL: the server that runs on this machine (the data
+    directory's server.json, as doctor reads it); with none recorded, exit 2 and why."""
+    from teamgpu.cli.server_record import ServerRecord, write_record
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("TEAMGPU_DATA_DIR", str(tmp_path / "data"))
+    r = CliRunner().invoke(connect, ["env", "--key", gateway.user_key])
+    assert r.exit_code == 2
+    assert "give --url (or set OPENAI_BASE_URL)" in r.output
+    assert "no running teamgpu server is recorded" in r.output
+    write_record(tmp_path / "data", ServerRecord(kind="serve", pid=os.getpid(),
+                                                 gateway_url=gateway.url, backends=[]))
+    exports = printed("env", "--key", gateway.user_key)
+    assert sourced(exports, ["OPENAI_BASE_URL"])["OPENAI_BASE_URL"] == gateway.url + "/v1"

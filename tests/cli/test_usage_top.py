@@ -278,6 +278,13 @@ def test_top_key_from_the_environment(gw: Harness) -> None:
     assert "top users today" in out
 
 
+def test_top_takes_the_openai_variables_and_a_v1_url(gw: Harness) -> None:
+    """The same OPENAI_BASE_URL (with /v1) and OPENAI_API_KEY as batch, connect, doctor."""
+    out = run(top, "--once", env={"OPENAI_BASE_URL": gw.url + "/v1",
+                                  "OPENAI_API_KEY": gw.admin_key}).output
+    assert "top users today" in out
+
+
 def test_top_refuses_a_user_key_and_an_unreachable_gateway(gw: Harness,
                                                            closed_port_url: str) -> None:
     r = run(top, "--url", gw.url, "--key", gw.user_key, "--once", ok=False)
