@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
@@ -16,6 +17,7 @@ __all__ = ["INVALID_KEY_MESSAGES", "Authenticator", "secret_from_headers"]
 
 INVALID_KEY_MESSAGES = {"unknown": "Invalid API key", "expired": "API key expired",
                         "revoked": "API key revoked"}
+KNOWN_GOOD_MAX = 50_000  # (address, key) pairs remembered, least recently used dropped
 
 
 def secret_from_headers(headers: Mapping[str, str]) -> str | None:
@@ -45,6 +47,10 @@ class Authenticator:
         self.throttle = throttle
         self._trust_forwarded_for = trust_forwarded_for
         self._on_throttled = on_throttled
+        # (address, key id) pairs that authenticated: a key already in use from an
+        # address keeps working while that address is throttled for someone else's
+        # failures (a colleague's IDE with a truncated key behind the same NAT)
+        self._known_good: OrderedDict[tuple[str, str], None] = OrderedDict()
         # plain sqlite3 look-ups take about 10 us: not worth a thread hop
         self._lookup_in_thread = keys.engine.url.get_backend_name() != "sqlite"
 
@@ -73,34 +79,48 @@ class Authenticator:
 
         Only a key that was never issued counts as a failure: a revoked or expired key is a
         stale client (an IDE still set up with it), and no key at all is a misconfigured
-        one; counting those would lock out everyone behind the same address.
+        one; counting those would lock out everyone behind the same address. An address
+        over the limit is refused, except for a key that already authenticated from that
+        address (this process remembers the last ``KNOWN_GOOD_MAX`` such pairs): a guesser
+        has no such key, and the team behind one NAT keeps working.
 
         Raises:
-            RateLimited: 429, ``addr`` made too many failed attempts; the key is not
-                looked at.
+            RateLimited: 429, ``addr`` made too many failed attempts, and the key is not
+                one already used from it.
             AuthenticationError: 401, missing, unknown, expired or revoked key.
         """
         try:
             await self.throttle.check(addr)
         except RateLimited:
-            self._on_throttled()
-            raise
+            p = await self._lookup(secret) if secret is not None else None
+            if p is None or (addr, p.key_id) not in self._known_good \
+                    or p.status(datetime.now(UTC)) != "active":
+                self._on_throttled()
+                raise
+            self._known_good.move_to_end((addr, p.key_id))
+            return p
         if secret is None:
             raise AuthenticationError(
                 "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 code="missing_api_key",
             )
         # one look-up whatever the outcome: the reason of a refusal comes from the same row
-        if self._lookup_in_thread:
-            p = await asyncio.to_thread(self.keys.lookup, secret)
-        else:
-            p = self.keys.lookup(secret)
+        p = await self._lookup(secret)
         status = "unknown" if p is None else p.status(datetime.now(UTC))
         if p is None or status != "active":
             if p is None:
                 await self.throttle.record_failure(addr)
             raise AuthenticationError(INVALID_KEY_MESSAGES[status])
+        self._known_good[(addr, p.key_id)] = None
+        self._known_good.move_to_end((addr, p.key_id))
+        if len(self._known_good) > KNOWN_GOOD_MAX:
+            self._known_good.popitem(last=False)
         return p
+
+    async def _lookup(self, secret: str) -> Principal | None:
+        if self._lookup_in_thread:
+            return await asyncio.to_thread(self.keys.lookup, secret)
+        return self.keys.lookup(secret)
 
     async def require_admin(self, request: Request) -> Principal:
         """The principal of an admin key.

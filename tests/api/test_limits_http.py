@@ -570,6 +570,26 @@ def test_failed_auth_is_throttled_per_address(h: Harness) -> None:
     assert_openai_error(r, 401)
 
 
+def test_a_key_in_use_from_a_blocked_address_keeps_working(h: Harness) -> None:
+    """A colleague behind the same NAT with a truncated key (a request per keystroke)
+    blocks the address for new keys, not for a key that already worked from it: a
+    guesser has no such key."""
+    office = "198.51.100.20"
+    assert h.client("user").post(CHAT_PATH, json=chat(), headers=_from(office)) \
+        .status_code == 200
+    anon = h.client(None)
+    for i in range(6):
+        anon.post(CHAT_PATH, json=chat(), headers={**_from(office),
+                                                   "Authorization": f"Bearer tg-trunc{i}"})
+    r = anon.post(CHAT_PATH, json=chat(), headers={**_from(office),
+                                                   "Authorization": "Bearer tg-trunc"})
+    assert_openai_error(r, 429, code="rate_limit_exceeded")
+    r = h.client("user").post(CHAT_PATH, json=chat(), headers=_from(office))
+    assert r.status_code == 200, r.text  # in use from here before the block
+    r = h.client("admin").post(CHAT_PATH, json=chat(), headers=_from(office))
+    assert r.status_code == 429  # never used from here: refused as any other key
+
+
 def test_forged_forwarded_for_cannot_lock_out_another_address(h: Harness) -> None:
     """The gateway takes the rightmost X-Forwarded-For entry (the one its proxy added):
     a guesser that writes a victim's address in front only blocks itself."""
@@ -666,7 +686,12 @@ def test_a_stale_key_does_not_lock_out_its_address(h: Harness) -> None:
     for i in range(5):  # guesses still count
         anon.post(CHAT_PATH, json=chat(),
                   headers={**_from(addr), "Authorization": f"Bearer tg-stale-guess{i}"})
-    assert h.client("user").post(CHAT_PATH, json=chat(), headers=_from(addr)).status_code \
+    r = anon.post(CHAT_PATH, json=chat(),
+                  headers={**_from(addr), "Authorization": "Bearer tg-stale-guess"})
+    assert r.status_code == 429
+    # a key never used from this address is refused; the one in use from it is not
+    # (test_a_key_in_use_from_a_blocked_address_keeps_working)
+    assert h.client("admin").post(CHAT_PATH, json=chat(), headers=_from(addr)).status_code \
         == 429
 
 
