@@ -340,7 +340,9 @@ async def _up(s: Settings, fleet: Any, mset: Any, store: Engine,
                 progress and not interactive and not gw_started and now - prev[2] >= 15):
             last[name] = (state, message, now)
             if gw_started:
-                engine_log.log(logging.INFO if state is EngineState.READY else logging.WARNING,
+                # a crash is a warning; a start, a stop (idle, or ours) or a wake is not
+                engine_log.log(logging.WARNING if state is EngineState.RESTARTING
+                               else logging.INFO,
                                "engine %s %s: %s", name, state, message)
             elif not interactive:
                 console.print(f"vLLM {name} {state}: {message}", highlight=False)

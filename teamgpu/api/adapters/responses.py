@@ -187,7 +187,7 @@ class Responses(ProtocolAdapter):
         if rec is None or rec.deleted_at is not None or rec.user != principal.user \
                 or rec.model != served:
             raise NotFound(f"Previous response with id {prev!r} not found.",
-                           param="previous_response_id")
+                           param="previous_response_id", code="response_not_found")
         return rec.backend
 
     async def answered(self, ctx: RequestCtx, payload: dict[str, Any], answer_id: str | None,
