@@ -686,9 +686,9 @@ def test_a_stale_key_does_not_lock_out_its_address(h: Harness) -> None:
     for i in range(5):  # guesses still count
         anon.post(CHAT_PATH, json=chat(),
                   headers={**_from(addr), "Authorization": f"Bearer tg-stale-guess{i}"})
-    r = anon.post(CHAT_PATH, json=chat(),
-                  headers={**_from(addr), "Authorization": "Bearer tg-stale-guess"})
-    assert r.status_code == 429
+    guess = anon.post(CHAT_PATH, json=chat(),
+                      headers={**_from(addr), "Authorization": "Bearer tg-stale-guess"})
+    assert guess.status_code == 429
     # a key never used from this address is refused; the one in use from it is not
     # (test_a_key_in_use_from_a_blocked_address_keeps_working)
     assert h.client("admin").post(CHAT_PATH, json=chat(), headers=_from(addr)).status_code \
