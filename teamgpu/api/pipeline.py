@@ -216,14 +216,12 @@ class Pipeline:
         ctx.model = served
         ctx.model_served = True
         spec = adapter.read(payload, settings.default_max_tokens)  # 400s before any start
-        sequences = adapter.sequences(payload)
-        if sequences > settings.max_sequences_per_request:
+        if spec.sequences > settings.max_sequences_per_request:
             # each sequence holds an engine slot, and admission counts the request once
-            field = "n" if sequences == adapter.sequences({**payload, "best_of": None}) \
-                else "best_of"
-            raise BadRequest(f"'{field}' asks for {sequences} sequences; this server allows "
-                             f"at most {settings.max_sequences_per_request} per request "
-                             "(setting max_sequences_per_request)", param=field)
+            raise BadRequest(f"'{spec.sequences_param}' asks for {spec.sequences} sequences; "
+                             f"this server allows at most {settings.max_sequences_per_request}"
+                             " per request (setting max_sequences_per_request)",
+                             param=spec.sequences_param)
         if self.host is not None:  # a model that starts on demand starts now
             await guard.run(self.host.ensure_ready(served))
         ctx.stream = spec.stream

@@ -47,12 +47,18 @@ class RequestSpec:
             together (0 for embeddings); reserved against the key's token limits.
         est_prompt_tokens: a conservative prompt-token estimate (see
             :func:`estimate_tokens`), replaced by the backend's count at the end.
+        sequences: how many sequences the engine generates at once for the request
+            (``n``, or ``best_of`` on completions); each holds one of the engine's
+            ``--max-num-seqs`` while admission counts the request once.
+        sequences_param: the field that asked for them (for a 400's ``param``).
     """
 
     model: str
     stream: bool
     max_output_tokens: int
     est_prompt_tokens: int
+    sequences: int = 1
+    sequences_param: str = "n"
 
 
 def estimate_tokens(payload: dict[str, Any], keys: tuple[str, ...]) -> int:
@@ -115,16 +121,6 @@ class ProtocolAdapter:
             BadRequest: 400, a field the gateway reads has the wrong type or value.
         """
         raise NotImplementedError
-
-    def sequences(self, payload: dict[str, Any]) -> int:
-        """How many sequences the request makes the engine generate at once (``n``, and
-        ``best_of`` on completions); each holds one of the engine's ``--max-num-seqs``
-        while the gateway's admission counts the request once. 1 unless an API says more.
-
-        Raises:
-            BadRequest: 400, the field is not a positive integer.
-        """
-        return 1
 
     def prepare(self, payload: dict[str, Any], spec: RequestSpec, *, served: str) -> bool:
         """Change ``payload`` in place before it goes to the backend: the served model

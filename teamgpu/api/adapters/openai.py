@@ -35,18 +35,19 @@ class _OpenAIGenerative(ProtocolAdapter):
     def read(self, payload: dict[str, Any], default_max_tokens: int) -> RequestSpec:
         model = self.model_of(payload)
         check_stream_fields(payload)
+        sequences, param = self.sequences(payload)
         return RequestSpec(model=model, stream=payload.get("stream") is True,
-                           max_output_tokens=self.requested_max_tokens(payload,
-                                                                       default_max_tokens),
-                           est_prompt_tokens=estimate_tokens(payload, self.prompt_keys))
+                           max_output_tokens=self.requested_max_tokens(
+                               payload, default_max_tokens) * sequences,
+                           est_prompt_tokens=estimate_tokens(payload, self.prompt_keys),
+                           sequences=sequences, sequences_param=param)
 
     def requested_max_tokens(self, payload: dict[str, Any], default: int) -> int:
-        """The most output tokens the request may produce, as vLLM reads the request.
+        """The most output tokens one sequence may produce, as vLLM reads the request.
 
         Chat: ``max_completion_tokens``, else ``max_tokens``; completions: ``max_tokens``
         only (the legacy API has no ``max_completion_tokens``). ``default`` when absent.
-        Times the number of sequences generated: ``n`` (and ``best_of`` on completions,
-        if larger).
+        :meth:`read` multiplies it by the sequences generated.
 
         Raises:
             BadRequest: 400, one of those fields is not a positive integer.
@@ -56,10 +57,15 @@ class _OpenAIGenerative(ProtocolAdapter):
             v = positive_int(payload, key)
             if v is not None:
                 per_sequence = v
-        return per_sequence * self.sequences(payload)
+        return per_sequence
 
-    def sequences(self, payload: dict[str, Any]) -> int:
-        return positive_int(payload, "n") or 1
+    def sequences(self, payload: dict[str, Any]) -> tuple[int, str]:
+        """``(sequences generated at once, the field that asked for them)``: ``n``.
+
+        Raises:
+            BadRequest: 400, the field is not a positive integer.
+        """
+        return positive_int(payload, "n") or 1, "n"
 
     def prepare(self, payload: dict[str, Any], spec: RequestSpec, *, served: str) -> bool:
         payload["model"] = served
@@ -105,8 +111,11 @@ class Completions(_OpenAIGenerative):
     path = "/v1/completions"
     max_tokens_fields = ("max_tokens",)
 
-    def sequences(self, payload: dict[str, Any]) -> int:
-        return max(super().sequences(payload), positive_int(payload, "best_of") or 1)
+    def sequences(self, payload: dict[str, Any]) -> tuple[int, str]:
+        """``n``, or ``best_of`` if larger (vLLM generates ``best_of`` and returns ``n``)."""
+        n, param = super().sequences(payload)
+        best_of = positive_int(payload, "best_of") or 1
+        return (best_of, "best_of") if best_of > n else (n, param)
 
     def tokenize_body(self, payload: dict[str, Any], served: str) -> dict[str, Any] | None:
         prompt = payload.get("prompt")
