@@ -324,12 +324,14 @@ async def _up(s: Settings, fleet: Any, mset: Any, store: Engine,
     interactive = console.is_terminal
     gw_started = False
     last: dict[str, tuple[Any, str, float]] = {}
-    hosts: list[FleetHost] = []  # the gateway's view, once the app's lifespan opened it
+    # the gateway's view of the fleet; its pool is set when the app's lifespan opens it,
+    # and until then the states it is given move nothing
+    host = FleetHost(fleet, None, start_timeout_s=s.model_start_timeout_s,
+                     retry_after_s=s.backend_down_retry_after_s, models=list(mset.models))
     engine_log = logging.getLogger("teamgpu.engine")
 
     def on_state(name: str, state: Any, message: str) -> None:
-        if hosts:
-            hosts[0].on_state(name, state, message)
+        host.on_state(name, state, message)
         status.update(f"[bold]vLLM {name}[/] {state}: {message}")
         now = time.monotonic()
         prev = last.get(name)
@@ -376,12 +378,9 @@ async def _up(s: Settings, fleet: Any, mset: Any, store: Engine,
         s.model_aliases = {**s.model_aliases,
                            **{a: m.name for m in mset.models for a in m.aliases}}
         s.models = list(mset.models)  # the set served: roles in /v1/models and /stats
-        host = FleetHost(fleet, None, start_timeout_s=s.model_start_timeout_s,
-                         retry_after_s=s.backend_down_retry_after_s, models=s.models)
 
         async def on_open(gw: Any) -> None:
             host.pool = gw.pool
-            hosts.append(host)
             for n in names:  # a model stopped on demand is parked, not down
                 host.on_state(n, fleet.state(n), "at start")
             write_record(s.data_dir, record)
