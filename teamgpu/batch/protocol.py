@@ -220,7 +220,8 @@ class JobStats(TypedDict):
 
     ``done`` counts 2xx answers, ``failed`` the rest (final errors, and the items a
     cancel or expiry left); ``queued`` is what is neither answered nor in flight. Times
-    are Unix seconds; ``eta_s`` is None until two items have finished.
+    are Unix seconds; ``eta_s`` is None until two items have finished, and counts the rest
+    of the pause of a paused job.
     """
 
     id: str

@@ -145,6 +145,8 @@ class _Job:
         if self.finished_at is not None:
             eta = None
         paused = self.paused_until if self.paused_until and self.paused_until > now else None
+        if eta is not None and paused is not None:
+            eta += paused - now  # a paused job resumes only when its pause ends
         return {
             "id": self.record.id, "user": self.record.user, "endpoint": self.record.endpoint,
             "status": self.status,

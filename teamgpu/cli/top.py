@@ -146,10 +146,10 @@ def _progress(items: dict[str, int]) -> Text:
     return bar
 
 
-def _batches_table(jobs: list[dict[str, Any]], now: float, wide: bool) -> Table:
+def _batches_table(jobs: list[dict[str, Any]], wide: bool) -> Table:
     """Each batch job: user, status (or when its pause ends), progress, in flight, queued,
-    ETA (a paused job's counts the pause). Below 100 columns the user goes under the job's
-    id, which is cut short."""
+    ETA (a paused job's counts the pause, as ``/stats`` reports it). Below 100 columns the
+    user goes under the job's id, which is cut short."""
     t = Table(title="batch jobs", title_justify="left", expand=True)
     t.add_column("job" if wide else "job, user", overflow="ellipsis", no_wrap=True,
                  max_width=None if wide else 16)
@@ -162,9 +162,6 @@ def _batches_table(jobs: list[dict[str, Any]], now: float, wide: bool) -> Table:
     for j in jobs:
         items = j["items"]
         paused = j.get("paused_until")
-        eta = j.get("eta_s")
-        if eta is not None and paused:
-            eta += max(0.0, paused - now)
         if paused:
             status = Text(f"paused to {datetime.fromtimestamp(paused, UTC):%H:%M} UTC",
                           style="yellow")
@@ -173,7 +170,7 @@ def _batches_table(jobs: list[dict[str, Any]], now: float, wide: bool) -> Table:
         who: list[RenderableType] = [j["id"], j["user"]] if wide else [
             Text.assemble(j["id"], "\n", (j["user"], "dim"))]
         t.add_row(*who, status, _progress(items), f"{items['in_flight']:,}",
-                  f"{items['queued']:,}", _span(eta))
+                  f"{items['queued']:,}", _span(j.get("eta_s")))
     return t
 
 
@@ -240,9 +237,7 @@ def render_stats(data: dict[str, Any], url: str = "", width: int | None = None) 
         parts.append(_models_table(data["models"], wide=per_row == 4))
     if "batches" in data:
         if data["batches"]:
-            generated = data.get("generated_at")
-            now = datetime.fromisoformat(generated).timestamp() if generated else time.time()
-            parts.append(_batches_table(data["batches"], now, wide=per_row == 4))
+            parts.append(_batches_table(data["batches"], wide=per_row == 4))
         else:
             parts.append(Text("batch jobs: none running or ended in the last hour",
                               style="dim"))

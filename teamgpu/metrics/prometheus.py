@@ -129,8 +129,7 @@ class GatewayMetrics:
             (every job listed, by status); None leaves them out.
         ttft_window: The rolling TTFT window fed by :meth:`request_done` (default: 5
             minutes, one hour of per-minute history).
-        wall_clock: Seconds since the epoch, for the TTFT window and a paused batch job's
-            ETA (default ``time.time``).
+        wall_clock: Seconds since the epoch, for the TTFT window (default ``time.time``).
 
     Every gauge callable is called at scrape time; one that raises is logged and its
     family left out of that scrape, so one broken source never breaks ``/metrics``.
@@ -183,7 +182,7 @@ class GatewayMetrics:
             ["user", "limit"], registry=r)
         self.collector = LiveGaugeCollector(
             queue_depth=queue_depth, inflight=inflight, backend_up=backend_up, gpu=gpu,
-            redis_errors=redis_errors, models=models, batches=batches, wall_clock=wall_clock)
+            redis_errors=redis_errors, models=models, batches=batches)
         r.register(self.collector)
 
     # ------------------------------------------------------------ request path hooks
@@ -344,10 +343,8 @@ class LiveGaugeCollector(Collector):
         redis_errors: Callable[[], Mapping[str, int]] | None = None,
         models: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
         batches: Callable[[], Iterable[JobStats]] | None = None,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._queue_depth = queue_depth
-        self._wall_clock = wall_clock
         self._models = models
         self._batches = batches
         self._redis_errors = redis_errors
@@ -412,8 +409,7 @@ class LiveGaugeCollector(Collector):
             yield from _read("models", lambda: _model_families(models())) or []
         batches = self._batches
         if batches is not None:
-            yield from _read("batch jobs", lambda: _batch_families(
-                batches(), self._wall_clock())) or []
+            yield from _read("batch jobs", lambda: _batch_families(batches())) or []
 
 
 _REDIS_ERRORS_DOC = ("Redis errors met by the limiter or the failed-authentication throttle "
@@ -504,10 +500,10 @@ def _model_families(models: Iterable[Mapping[str, Any]]) -> list[Metric]:
     return [state, inflight, queued, starts]
 
 
-def _batch_families(jobs: Iterable[JobStats], now: float) -> list[Metric]:
-    """The ``teamgpu_batch_*`` families: items and ETA of the active jobs, and every job
-    listed counted by status. A paused job's ETA counts the rest of its pause (``now``:
-    Unix seconds, the clock of ``paused_until``)."""
+def _batch_families(jobs: Iterable[JobStats]) -> list[Metric]:
+    """The ``teamgpu_batch_*`` families: items and ETA of the active jobs (a paused job's
+    counts the rest of its pause, as the runner reports it), and every job listed counted
+    by status."""
     docs = {name: (doc, labels) for name, doc, labels in _BATCH_GAUGES}
     items, eta, by_status = (GaugeMetricFamily(name, docs[name][0], labels=docs[name][1])
                              for name in ("teamgpu_batch_items", "teamgpu_batch_eta_seconds",
@@ -522,8 +518,7 @@ def _batch_families(jobs: Iterable[JobStats], now: float) -> list[Metric]:
         for st, count in zip(BATCH_ITEM_STATES, counted, strict=True):
             items.add_metric([j["id"], j["user"], st], float(count))
         if j["eta_s"] is not None:
-            pause = max(0.0, j["paused_until"] - now) if j["paused_until"] else 0.0
-            eta.add_metric([j["id"], j["user"]], float(j["eta_s"]) + pause)
+            eta.add_metric([j["id"], j["user"]], float(j["eta_s"]))
     for status, n in counts.items():
         by_status.add_metric([status], float(n))
     return [items, eta, by_status]

@@ -362,6 +362,11 @@ async def test_stats_estimate_the_time_left_from_recent_completions(env: Env) ->
     assert st["items"] == {"total": 5, "queued": 2, "in_flight": 1, "done": 2, "failed": 0}
     assert st["eta_s"] == pytest.approx(30.0)  # 3 left at one per 10 s
     assert st["tokens"]["total"] == 16
+    # paused (as a key limit pauses it) for ten more minutes: it cannot finish before that
+    r._jobs[rec.id].paused_until = env.clock.time() + 600
+    st = r.stats()[0]
+    assert st["paused_until"] == env.clock.time() + 600
+    assert st["eta_s"] == pytest.approx(630.0)
 
 
 @services

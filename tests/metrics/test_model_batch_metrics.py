@@ -74,7 +74,8 @@ def test_batch_items_and_eta_only_for_active_jobs_and_jobs_by_status() -> None:
     jobs = [job("batch_a", "in_progress", done=4, eta_s=12.5),
             job("batch_b", "validating", user="bob"),
             job("batch_c", "completed", done=8, finished_at=2.0),
-            job("batch_d", "in_progress", done=3, eta_s=2.0, paused_until=now + 600)]
+            # the runner's ETA of a job paused ten more minutes counts the pause
+            job("batch_d", "in_progress", done=3, eta_s=602.0, paused_until=now + 600)]
     t = text(GatewayMetrics(batches=lambda: jobs, wall_clock=lambda: now))
     a = {"batch_id": "batch_a", "user": "alice"}
     assert value(t, "teamgpu_batch_items", **a, state="queued") == 4

@@ -84,7 +84,7 @@
     renderGpus(s.gpu);
     renderBackends(s.backends);
     renderModels(s.models || []);
-    renderBatches(s.batches || [], Date.parse(s.generated_at) / 1000);
+    renderBatches(s.batches || []);
     renderTokensChart(s.users_today);
     renderTtftChart(s.ttft.per_minute);
   }
@@ -204,7 +204,7 @@
     return box;
   }
 
-  function renderBatches(jobs, now) {
+  function renderBatches(jobs) {
     const body = $("batches").tBodies[0];
     body.replaceChildren();
     if (!jobs.length) {
@@ -214,9 +214,6 @@
     const when = (t) => new Date(t * 1000).toLocaleString([], { month: "short", day: "numeric",
       hour: "2-digit", minute: "2-digit" });
     for (const j of jobs) {
-      // a paused job resumes only when its pause ends: the ETA counts the pause
-      let eta = j.eta_s;
-      if (eta != null && j.paused_until) eta += Math.max(0, j.paused_until - now);
       const tr = row([
         [j.id, "id mono"], [j.user, "user"], [j.endpoint, "endpoint mono"],
       ], { "data-batch": j.id, "data-status": j.status });
@@ -224,7 +221,7 @@
       tr.appendChild(cell(progress(j.items), "progress"));
       for (const [text, cls] of [
         [int(j.items.in_flight), "num inflight"], [int(j.items.queued), "num queued"],
-        [span(eta), "num eta"], [j.paused_until ? when(j.paused_until) : "–", "paused small"],
+        [span(j.eta_s), "num eta"], [j.paused_until ? when(j.paused_until) : "–", "paused small"],
       ]) tr.appendChild(el("td", text, cls));
       body.appendChild(tr);
     }
