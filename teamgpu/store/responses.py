@@ -198,7 +198,11 @@ class ResponseStore:
                 batch.append(item)
             # a delete that came before its insert was written applies here
             rows = [self._recent.get(r.id, r) for r in batch]
-            await asyncio.to_thread(self._insert, rows)
+            try:
+                await asyncio.to_thread(self._insert, rows)
+            except Exception:  # the store is down: these records are lost, not the writer
+                log.exception("stored response records not written: %s",
+                              ", ".join(r.id for r in rows))
 
     def _insert(self, rows: builtins.list[ResponseRecord]) -> None:
         values = [{"id": r.id, "user": r.user, "key_id": r.key_id, "model": r.model,

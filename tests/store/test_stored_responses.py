@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -83,3 +84,29 @@ async def test_start_purges_what_an_earlier_run_left(engine: Engine) -> None:
         assert rows(engine) == 0
     finally:
         await second.close()
+
+
+async def test_a_failed_write_loses_its_records_not_the_writer(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ResponseStore(engine)
+    real = store._insert
+    calls: list[int] = []
+
+    def flaky(rows: list[Any]) -> None:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise OSError("database is gone")
+        real(rows)
+
+    monkeypatch.setattr(store, "_insert", flaky)
+    await store.start()
+    await add(store, "resp_lost")
+    for _ in range(200):  # the first batch is written (and fails) after 50 ms
+        if calls:
+            break
+        await asyncio.sleep(0.01)
+    await add(store, "resp_kept")
+    await store.close()
+    assert len(calls) == 2
+    assert rows(engine) == 1
+    assert ResponseStore(engine).get("resp_kept") is not None
