@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anthropic
 import httpx
@@ -29,14 +29,15 @@ from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
 from tests.support.harness import (
     Harness,
     assert_anthropic_error,
+    disconnect_mid_stream,
     sse_events,
     start_gateway,
-    wait_until,
 )
 
 MESSAGES = [{"role": "user", "content": "Bonjour, ça va ?"}]
 STREAM_EVENTS = ["message_start", "content_block_start", *["content_block_delta"] * 3,
                  "content_block_stop", "message_delta", "message_stop"]
+_Refusal = TypeVar("_Refusal", bound=anthropic.APIStatusError)
 
 
 @dataclass
@@ -79,6 +80,21 @@ def rid_of(exc: anthropic.APIStatusError) -> str:
 
 def post(c: httpx.Client, path: str, body: dict[str, Any], **kw: Any) -> httpx.Response:
     return c.post(path, json=body, **kw)
+
+
+def refused_with_retry_after(c: anthropic.Anthropic, error: type[_Refusal],
+                             status: int) -> list[_Refusal]:
+    """Create a message with ``c``, not streamed then streamed: each raises ``error``, with
+    Anthropic's error for ``status`` and a Retry-After of at least 1 s; returns the two."""
+    refusals = []
+    for stream in (False, True):
+        with pytest.raises(error) as exc:
+            c.messages.create(model=MODEL, max_tokens=4, messages=MESSAGES,  # type: ignore[arg-type]
+                              stream=stream)
+        assert_anthropic_error(exc.value.response, status)
+        assert int(exc.value.response.headers["retry-after"]) >= 1
+        refusals.append(exc.value)
+    return refusals
 
 
 # --- answers --------------------------------------------------------------------------------
@@ -197,13 +213,8 @@ def test_a_rate_limited_key_gets_rate_limit_error_with_retry_after(setup: Setup)
     h = setup.gateway
     c = sdk(h, api_key=setup.slow_key)
     c.messages.create(model=MODEL, max_tokens=4, messages=MESSAGES)  # type: ignore[arg-type]
-    for stream in (False, True):
-        with pytest.raises(anthropic.RateLimitError) as exc:
-            c.messages.create(model=MODEL, max_tokens=4, messages=MESSAGES,  # type: ignore[arg-type]
-                              stream=stream)
-        assert_anthropic_error(exc.value.response, 429)
-        assert int(exc.value.response.headers["retry-after"]) >= 1
-        row = h.wait_row(rid_of(exc.value))
+    for e in refused_with_retry_after(c, anthropic.RateLimitError, 429):
+        row = h.wait_row(rid_of(e))
         assert (row["status"], row["outcome"], row["user"]) == (429, "rate_limited", "slowpoke")
     # tokenizer calls are not scheduled nor limited
     assert c.messages.count_tokens(model=MODEL, messages=MESSAGES).input_tokens > 0  # type: ignore[arg-type]
@@ -306,12 +317,7 @@ def test_no_backend_up_is_overloaded_error_with_retry_after(tmp_path: Path,
                                                              closed_port_url: str) -> None:
     with start_gateway(tmp_path / "gw", [closed_port_url]) as h:
         c = sdk(h)
-        for stream in (False, True):
-            with pytest.raises(anthropic.InternalServerError) as exc:
-                c.messages.create(model=MODEL, max_tokens=4, messages=MESSAGES,  # type: ignore[arg-type]
-                                  stream=stream)
-            assert_anthropic_error(exc.value.response, 503)
-            assert int(exc.value.response.headers["retry-after"]) >= 1
+        refused_with_retry_after(c, anthropic.InternalServerError, 503)
         with pytest.raises(anthropic.InternalServerError) as exc:
             c.messages.count_tokens(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
         assert_anthropic_error(exc.value.response, 503)
@@ -342,25 +348,10 @@ def test_a_stream_that_breaks_ends_with_an_anthropic_error_event(setup: Setup) -
 
 
 def test_client_disconnect_mid_stream_aborts_the_generation(setup: Setup) -> None:
-    fake, h = setup.fake, setup.gateway
-    wait_until(lambda: fake.active == 0, what="an idle backend")
-    aborted = fake.aborted
     body = {"model": MODEL, "max_tokens": 500, "messages": MESSAGES, "stream": True,
             "fake": {"tokens": 500, "delay_s": 0.1}}
-    with h.client().stream("POST", "/v1/messages", json=body) as r:
-        assert r.status_code == 200
-        rid = r.headers["x-request-id"]
-        chunks = r.iter_raw()
-        buf = b""
-        while b"content_block_delta" not in buf:
-            buf += next(chunks)
-        assert fake.active == 1
-    wait_until(lambda: fake.aborted == aborted + 1 and fake.active == 0, 1.0,
-               "the backend to abort the generation")
-    wait_until(lambda: h.gw.pool.backends[0].in_flight == 0, 1.0, "the backend slot")
-    row = h.wait_row(rid)
-    assert (row["status"], row["outcome"], row["stream"]) == (499, "client_disconnected", 1)
-    assert 1 <= row["completion_tokens"] <= 20
+    row, buf = disconnect_mid_stream(setup.gateway, setup.fake, "/v1/messages", body,
+                                     b"content_block_delta")
     # the message's own input count, from message_start, not the gateway's estimate
     start = orjson.loads(buf.split(b"\n\n", 1)[0].split(b"data: ", 1)[1])
     assert start["type"] == "message_start"

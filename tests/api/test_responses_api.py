@@ -24,7 +24,13 @@ from openai.types.responses import (
 from teamgpu.metrics.usage_report import usage_report
 from teamgpu.scheduler import PriorityClass
 from tests.support.fake_backend import MODEL, FakeBackend, ServerThread
-from tests.support.harness import Harness, assert_openai_error, start_gateway, wait_until
+from tests.support.harness import (
+    Harness,
+    assert_openai_error,
+    disconnect_mid_stream,
+    start_gateway,
+    wait_until,
+)
 
 STREAM_EVENTS = [
     "response.created", "response.in_progress", "response.output_item.added",
@@ -314,24 +320,9 @@ def test_lookups_are_audited_but_not_usage(setup: Setup) -> None:
 
 def test_client_disconnect_mid_stream_aborts_the_generation(setup: Setup) -> None:
     fake, h = setup.fake, setup.gateway
-    wait_until(lambda: fake.active == 0, what="an idle backend")
-    aborted = fake.aborted
     body = {"model": MODEL, "input": "a long essay", "stream": True, "max_output_tokens": 500,
             "fake": {"tokens": 500, "delay_s": 0.1}}
-    with h.client().stream("POST", "/v1/responses", json=body) as r:
-        assert r.status_code == 200
-        rid = r.headers["x-request-id"]
-        chunks = r.iter_raw()
-        buf = b""
-        while b"response.output_text.delta" not in buf:
-            buf += next(chunks)
-        assert fake.active == 1
-    wait_until(lambda: fake.aborted == aborted + 1 and fake.active == 0, 1.0,
-               "the backend to abort the generation")
-    wait_until(lambda: h.gw.pool.backends[0].in_flight == 0, 1.0, "the backend slot")
-    row = h.wait_row(rid)
-    assert (row["status"], row["outcome"], row["stream"]) == (499, "client_disconnected", 1)
-    assert 1 <= row["completion_tokens"] <= 20
+    _, buf = disconnect_mid_stream(h, fake, "/v1/responses", body, b"response.output_text.delta")
     # the response never completed: neither the engine nor the gateway keeps it
     created = orjson.loads(buf.split(b"data: ", 1)[1].split(b"\n", 1)[0])
     resp_id = created["response"]["id"]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Coroutine, Iterator
@@ -125,6 +126,23 @@ def pids_with(text: str) -> list[int]:
             if text in cmd and int(d.name) != os.getpid():
                 pids.append(int(d.name))
     return pids
+
+
+def stop_up(proc: subprocess.Popen[str], reader: threading.Thread, out: list[str],
+            timeout_s: int) -> int:
+    """SIGTERM ``teamgpu up`` (``proc``) and return its exit status; fail the test (after
+    killing its process group) when it does not exit within ``timeout_s``. Then joins
+    ``reader``, the thread collecting its output in ``out``, and closes that output."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"teamgpu up did not stop within {timeout_s} s of SIGTERM:\n" + "".join(out))
+    finally:
+        reader.join(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def cache_dir() -> Path:

@@ -29,6 +29,7 @@ from .conftest import (
     pids_with,
     run_script,
     saw_answer,
+    stop_up,
 )
 
 TEAMGPU = str(Path(sys.executable).parent / "teamgpu")
@@ -133,15 +134,7 @@ idle_ttl_s = {IDLE_TTL_S}
             wait_until(lambda: c.post("/v1/chat/completions", json=chat).status_code == 200,
                        300, "the chat engine to be restarted")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("teamgpu up did not stop within 90 s of SIGTERM:\n" + "".join(out))
-        finally:
-            reader.join(10)
-            stdout.close()
+        code = stop_up(proc, reader, out, 90)
     assert code == 0, "".join(out)
     # no engine of this set is left: none on either model's private port (by port, not by
     # model path: another teamgpu on this machine may serve the same demo models)

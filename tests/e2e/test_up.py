@@ -18,7 +18,14 @@ import pytest
 from tests.support.fake_backend import free_port
 from tests.support.harness import wait_until
 
-from .conftest import ENGINE_FIXTURE_S, SERVED_MODEL_NAME, VllmEngine, pids_with, saw_answer
+from .conftest import (
+    ENGINE_FIXTURE_S,
+    SERVED_MODEL_NAME,
+    VllmEngine,
+    pids_with,
+    saw_answer,
+    stop_up,
+)
 
 TEAMGPU = str(Path(sys.executable).parent / "teamgpu")
 
@@ -109,14 +116,6 @@ def test_up_serves_recovers_and_stops_cleanly(vllm_engine: VllmEngine, tmp_path:
                              r"its API server then (exited with status \d+|was killed by \w+)",
                              log), log[-3000:]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("teamgpu up did not stop within 60 s of SIGTERM:\n" + "".join(out))
-        finally:
-            reader.join(10)
-            proc.stdout.close()  # type: ignore[union-attr]
+        code = stop_up(proc, reader, out, 60)
     assert code == 0, "".join(out)
     wait_until(lambda: not pids_with(f"--port {engine_port}"), 10, "no orphaned engine process")

@@ -44,7 +44,6 @@ import orjson
 
 from tests.support.fake_io import (
     Event,
-    disconnected_within,
     err,
     prompt_token_count,
     send_json,
@@ -144,15 +143,8 @@ async def responses_create(fake: FakeBackend, req: dict[str, Any], f: dict[str, 
         await send_json(send, queued)
         return
     if not req.get("stream"):
-        delay = float(f.get("delay_s", 0))
-        if delay:
-            fake.active += 1
-            try:
-                if await disconnected_within(receive, delay * n_tok):
-                    fake.aborted += 1
-                    return
-            finally:
-                fake.active -= 1
+        if await fake.generation_aborted(receive, f, n_tok):
+            return
         if store:
             fake.responses[rid] = final
         await send_json(send, final)
@@ -260,15 +252,8 @@ async def messages(fake: FakeBackend, req: dict[str, Any], f: dict[str, Any], se
     stop = "max_tokens" if _stop(n_tok, max_tokens) else "end_turn"
     mid = f"chatcmpl-{request_id or secrets.token_hex(16)}"
     if not req.get("stream"):
-        delay = float(f.get("delay_s", 0))
-        if delay:
-            fake.active += 1
-            try:
-                if await disconnected_within(receive, delay * n_tok):
-                    fake.aborted += 1
-                    return
-            finally:
-                fake.active -= 1
+        if await fake.generation_aborted(receive, f, n_tok):
+            return
         await send_json(send, {
             "id": mid, "type": "message", "role": "assistant",
             "content": [{"type": "text", "text": text * n_tok}], "model": fake.model,

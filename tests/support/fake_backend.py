@@ -37,7 +37,6 @@ generations in progress, streamed or not (a disconnect by the gateway shows up a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
 import time
@@ -48,7 +47,12 @@ import orjson
 from tests.support import fake_apis
 from tests.support.fake_io import disconnected_within as _disconnected_within
 from tests.support.fake_io import err as _err
-from tests.support.fake_io import prompt_token_count, send_body
+from tests.support.fake_io import (
+    prompt_token_count,
+    send_body,
+    wait_before_token,
+    watch_disconnect,
+)
 from tests.support.fake_io import send_json as _json
 
 __all__ = ["ENGINE_DEAD_MESSAGE", "MODEL", "FakeBackend", "ServerThread", "free_port",
@@ -211,26 +215,33 @@ class FakeBackend:
                 out = {"id": rid, "object": "text_completion", "created": 0, "model": self.model,
                        "choices": [{"index": 0, "text": text * n_tok, "finish_reason": "length"}],
                        "usage": usage}
-            delay = float(fake.get("delay_s", 0))
-            if delay:
-                # a generation in progress: a disconnect of the caller aborts it, as vLLM does
-                self.active += 1
-                try:
-                    if await _disconnected_within(receive, delay * n_tok):
-                        self.aborted += 1
-                        return
-                finally:
-                    self.active -= 1
+            if await self.generation_aborted(receive, fake, n_tok):
+                return
             await _json(send, out)
             return
         await self._stream(send, receive, req, fake, chat, n_tok, text, usage, rid)
+
+    async def generation_aborted(self, receive: Any, fake: dict[str, Any], n_tok: int) -> bool:
+        """Wait out the generation of a non-streamed answer of ``n_tok`` tokens,
+        ``fake["delay_s"]`` each, counted in ``active`` meanwhile. True (counted in
+        ``aborted``) when the caller disconnects first: vLLM aborts the generation then."""
+        delay = float(fake.get("delay_s", 0))
+        if not delay:
+            return False
+        self.active += 1
+        try:
+            if await _disconnected_within(receive, delay * n_tok):
+                self.aborted += 1
+                return True
+            return False
+        finally:
+            self.active -= 1
 
     async def _stream(self, send: Any, receive: Any, req: dict[str, Any], fake: dict[str, Any],
                       chat: bool, n_tok: int, text: str, usage: dict[str, int], rid: str) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-        delay = float(fake.get("delay_s", 0))
         split = bool(fake.get("split"))
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -247,27 +258,13 @@ class FakeBackend:
             return
         self.active += 1
         disconnected = asyncio.Event()
-
-        async def watch() -> None:
-            while True:
-                m = await receive()
-                if m["type"] == "http.disconnect":
-                    disconnected.set()
-                    return
-
-        watcher = asyncio.ensure_future(watch())
+        watcher = asyncio.ensure_future(watch_disconnect(receive, disconnected))
         try:
             base = {"id": rid, "object": obj, "created": 0, "model": self.model}
             if include_usage:
                 base["usage"] = None
-            pause_after = fake.get("pause_after")
             for i in range(n_tok):
-                wait_s = delay
-                if pause_after is not None and i == int(pause_after):
-                    wait_s += float(fake.get("pause_s", 1.0))
-                if wait_s:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(disconnected.wait(), wait_s)
+                await wait_before_token(fake, i, disconnected)
                 if disconnected.is_set():
                     self.aborted += 1
                     return

@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Event", "disconnected_within", "err", "prompt_token_count", "send_json",
-           "stream_events"]
+__all__ = ["Event", "disconnected_within", "err", "prompt_token_count", "send_body",
+           "send_json", "stream_events", "wait_before_token", "watch_disconnect"]
 
 
 def prompt_token_count(req: dict[str, Any]) -> int:
@@ -48,6 +48,28 @@ async def disconnected_within(receive: Any, timeout_s: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def watch_disconnect(receive: Any, disconnected: asyncio.Event) -> None:
+    """Read ``receive`` (dropping what else arrives) until the caller disconnects, then set
+    ``disconnected``: a stream runs it as a task beside its writes."""
+    while True:
+        m = await receive()
+        if m["type"] == "http.disconnect":
+            disconnected.set()
+            return
+
+
+async def wait_before_token(fake: dict[str, Any], i: int, disconnected: asyncio.Event) -> None:
+    """Wait before token ``i`` as the request's ``fake`` object says (``delay_s``, plus
+    ``pause_s`` before token ``pause_after``), or until ``disconnected`` is set."""
+    wait_s = float(fake.get("delay_s", 0))
+    pause_after = fake.get("pause_after")
+    if pause_after is not None and i == int(pause_after):
+        wait_s += float(fake.get("pause_s", 1.0))
+    if wait_s:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(disconnected.wait(), wait_s)
 
 
 async def send_body(send: Any, raw: bytes, *, split: bool = False) -> None:
@@ -96,35 +118,21 @@ async def stream_events(send: Any, receive: Any, events: Sequence[Event], fake: 
     (vLLM aborts the request then)."""
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
-    delay = float(fake.get("delay_s", 0))
     split = bool(fake.get("split"))
-    pause_after = fake.get("pause_after")
     break_after = fake.get("break_after")
     disconnected = asyncio.Event()
-
-    async def watch() -> None:
-        while True:
-            m = await receive()
-            if m["type"] == "http.disconnect":
-                disconnected.set()
-                return
 
     async def write(raw: bytes) -> None:
         await send_body(send, raw, split=split)
 
     on_start()
     aborted = False
-    watcher = asyncio.ensure_future(watch())
+    watcher = asyncio.ensure_future(watch_disconnect(receive, disconnected))
     try:
         tokens = 0
         for ev in events:
             if ev.token:
-                wait_s = delay
-                if pause_after is not None and tokens == int(pause_after):
-                    wait_s += float(fake.get("pause_s", 1.0))
-                if wait_s:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(disconnected.wait(), wait_s)
+                await wait_before_token(fake, tokens, disconnected)
                 if break_after is not None and tokens >= int(break_after):
                     raise ConnectionResetError("fake backend breaks the stream")
                 tokens += 1

@@ -27,11 +27,12 @@ from teamgpu.gateway import Gateway
 from teamgpu.metrics.prometheus import GpuSource
 from teamgpu.settings import Settings
 from teamgpu.store.db import open_store
-from tests.support.fake_backend import ServerThread
+from tests.support.fake_backend import FakeBackend, ServerThread
 
 __all__ = [
     "ANTHROPIC_ERROR_TYPES", "ERROR_KEYS", "HTTPAnswer", "Harness", "assert_anthropic_error",
-    "assert_openai_error", "event_data", "sse_events", "start_gateway", "wait_until",
+    "assert_openai_error", "disconnect_mid_stream", "event_data", "sse_events", "start_gateway",
+    "wait_until",
 ]
 
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -227,3 +228,28 @@ def start_gateway(data_dir: Path, backends: list[str], *, gpu: GpuSource | None 
             yield h
         finally:
             h.close_clients()
+
+
+def disconnect_mid_stream(h: Harness, fake: FakeBackend, path: str, body: dict[str, Any],
+                          until: bytes) -> tuple[dict[str, Any], bytes]:
+    """From an idle ``fake``, stream ``body`` to ``path`` through ``h``, read until ``until``
+    arrives and close the connection there. Checks that ``fake`` aborts the generation, the
+    backend slot is freed and the audit row is a 499 ``client_disconnected`` stream with 1 to
+    20 completion tokens; returns that row and the bytes read."""
+    wait_until(lambda: fake.active == 0, what="an idle backend")
+    aborted = fake.aborted
+    with h.client().stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        chunks = r.iter_raw()
+        buf = b""
+        while until not in buf:
+            buf += next(chunks)
+        assert fake.active == 1
+    wait_until(lambda: fake.aborted == aborted + 1 and fake.active == 0, 1.0,
+               "the backend to abort the generation")
+    wait_until(lambda: h.gw.pool.backends[0].in_flight == 0, 1.0, "the backend slot")
+    row = h.wait_row(rid)
+    assert (row["status"], row["outcome"], row["stream"]) == (499, "client_disconnected", 1)
+    assert 1 <= row["completion_tokens"] <= 20
+    return row, buf
